@@ -1,0 +1,112 @@
+"""Log formatting for people (text) and for collectors (one JSON object per line).
+
+Every record may carry ``event``, ``job``, ``export_id``, ``execution_id`` and any other
+fields passed as ``extra``; the JSON formatter writes them all. Both formatters pass the
+final line through a redactor, so a secret that slipped into a message (an aiohttp debug
+line, an exception text) is replaced by ``***`` — defence in depth behind the rule that
+the token is never put in a message in the first place.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+import orjson
+
+_STANDARD = set(logging.LogRecord("x", 0, "x", 0, "x", None, None).__dict__) | {
+    "message",
+    "asctime",
+}
+_FIRST = ("job", "export_id", "execution_id")
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+class _Redacting(logging.Formatter):
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    @staticmethod
+    def fields(record: logging.LogRecord) -> dict[str, Any]:
+        return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
+
+
+class JsonFormatter(_Redacting):
+    """``{"ts", "level", "event", "job", "export_id", "execution_id", "message", ...}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = self.fields(record)
+        out: dict[str, Any] = {
+            "ts": _iso(record.created),
+            "level": record.levelname.lower(),
+            "event": fields.pop("event", None) or record.name.rsplit(".", 1)[-1],
+        }
+        for key in _FIRST:
+            out[key] = fields.pop(key, None)
+        out["message"] = record.getMessage()
+        out.update(fields)
+        if record.exc_info and record.exc_info[1] is not None:
+            out["exception"] = self.formatException(record.exc_info)
+        return self.redact(orjson.dumps(out, default=str).decode())
+
+
+class TextFormatter(_Redacting):
+    """``2026-11-28T02:00:00.000Z INFO  [job] message``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        job = getattr(record, "job", None)
+        prefix = f"{_iso(record.created)} {record.levelname:<7} "
+        line = prefix + (f"[{job}] " if job else "") + record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            line += "\n" + self.formatException(record.exc_info)
+        return self.redact(line)
+
+
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is at the time: rich's live display swaps it, and
+    lines must go through its proxy to be printed above the display, not over it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def setup_logging(
+    log_format: str = "text",
+    verbosity: int = 0,
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+    quiet: bool = False,
+) -> logging.Handler:
+    """Send logs to stderr. ``verbosity`` 0: INFO, 1: DEBUG, 2+: DEBUG for libraries too.
+
+    ``quiet`` (used while a live progress display owns the terminal) raises the level to
+    WARNING unless ``-v`` was given.
+    """
+    handler: logging.StreamHandler[Any] = logging.StreamHandler(stream or _CurrentStderr())
+    handler.setFormatter(JsonFormatter(secrets) if log_format == "json" else TextFormatter(secrets))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    level = logging.DEBUG if verbosity >= 1 else logging.WARNING if quiet else logging.INFO
+    logging.getLogger("orchestrator").setLevel(level)
+    root.setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
+    return handler
+
+
+__all__ = ["JsonFormatter", "TextFormatter", "setup_logging"]

@@ -1,0 +1,624 @@
+"""The run: every job's lifecycle, under one task group and one concurrency limit.
+
+Per job::
+
+    skip if an earlier run into this folder already has it (file present, sha256 equal)
+    ── hold a slot of the CapacityLimiter (at most ``concurrency`` jobs in flight) ──
+    adopt the execution an earlier run recorded, or create one (intent saved first)
+    poll it with jittered exponential backoff until final (per-attempt deadline)
+    SUCCEEDED → stream-download, check, write atomically → SUCCEEDED
+    FAILED    → save its error file; while retries remain, a new execution
+    timeout   → cancel it (best effort) → TIMED_OUT (not retried: see README)
+
+Every state change is saved to the manifest before the next step. One job's failure is
+recorded and never stops the others. SIGTERM / SIGINT cancel the task group: downloads
+delete their temporary files, the manifest is written INTERRUPTED, exit 143 / 130.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import backoff
+
+from orchestrator.api import ApiClient, RetryPolicy
+from orchestrator.config import Job, JobFile, load_job_file
+from orchestrator.download import download, output_name, sha256_of_file
+from orchestrator.errors import (
+    ApiError,
+    ConnectError,
+    ExecutionFailedError,
+    ExecutionTimeoutError,
+    JobError,
+    MicsExportError,
+    NotFoundError,
+    TransportError,
+    UsageError,
+)
+from orchestrator.manifest import (
+    MANIFEST_NAME,
+    JobRecord,
+    JobStatus,
+    Manifest,
+    ManifestWriter,
+    RunStatus,
+    now_iso,
+    write_atomic,
+)
+from orchestrator.models import Execution, ExecutionStatus
+
+log = logging.getLogger("orchestrator.scheduler")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+ADOPT_WINDOW_MS = 30_000
+"""Clock skew allowed when looking for an execution whose create answer was lost."""
+RETRIED_STATUSES = frozenset({ExecutionStatus.FAILED, ExecutionStatus.LOST, ExecutionStatus.EXECUTOR_NOT_RESPONDING})
+
+
+class JobLog(logging.LoggerAdapter[logging.Logger]):
+    """Adds job, export_id and execution_id to every record, merged with the call's extra."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the command line asked for."""
+
+    jobs_file: Path
+    simulate: bool = False
+    output_dir: str | None = None
+    concurrency: int | None = None
+    only: tuple[str, ...] = ()
+    shard: str | None = None
+    log_format: str = "text"
+    progress: str = "auto"
+    workers: int | None = None
+    metrics_pushgateway: str | None = None
+    verbosity: int = 0
+
+
+class Runner:
+    """Runs a set of jobs against one API client, recording everything in the manifest."""
+
+    def __init__(
+        self,
+        jobs: tuple[Job, ...],
+        api: ApiClient,
+        output_dir: Path,
+        *,
+        concurrency: int,
+        manifest: Manifest,
+        previous: Manifest | None = None,
+        query_prefix: str = "mics-export:",
+    ) -> None:
+        self.jobs = jobs
+        self.api = api
+        self.output_dir = output_dir
+        self.limiter = anyio.CapacityLimiter(concurrency)
+        self.manifest = manifest
+        self.writer = ManifestWriter(manifest, output_dir / MANIFEST_NAME)
+        self.previous = previous
+        self.query_prefix = query_prefix
+        for job in jobs:
+            old = previous.jobs.get(job.name) if previous else None
+            manifest.jobs[job.name] = old if old is not None else JobRecord(name=job.name, export_id=job.export_id)
+
+    # -- the run -------------------------------------------------------------------------
+    async def run(self) -> RunStatus:
+        """Run every job; returns SUCCEEDED only if every job succeeded."""
+        await self.writer.save()
+        async with anyio.create_task_group() as tg:
+            for job in self.jobs:
+                tg.start_soon(self._job, job)
+        ok = all(self.manifest.jobs[j.name].status is JobStatus.SUCCEEDED for j in self.jobs)
+        return RunStatus.SUCCEEDED if ok else RunStatus.FAILED
+
+    async def _job(self, job: Job) -> None:
+        rec = self.manifest.jobs[job.name]
+        jl = JobLog(log, {"job": job.name, "export_id": rec.export_id, "execution_id": rec.execution_id})
+        if await self._already_done(job, rec):
+            jl.info(
+                "already complete in this folder (sha256 verified): skipped",
+                extra={"event": "job_skipped"},
+            )
+            return
+        async with self.limiter:
+            rec.started_at = rec.started_at or now_iso()
+            rec.finished_at = None
+            rec.error = None
+            try:
+                await self._attempts(job, rec, jl)
+            except JobError as exc:
+                self._fail(
+                    rec,
+                    jl,
+                    JobStatus.TIMED_OUT if isinstance(exc, ExecutionTimeoutError) else JobStatus.FAILED,
+                    str(exc),
+                )
+            except (ApiError, TransportError) as exc:
+                self._fail(rec, jl, JobStatus.FAILED, str(exc))
+            if rec.status.is_final:
+                rec.finished_at = now_iso()
+                await self.writer.save()
+
+    def _fail(self, rec: JobRecord, jl: JobLog, status: JobStatus, message: str) -> None:
+        rec.status, rec.error = status, message
+        jl.error(
+            "%s: %s",
+            status.value,
+            message,
+            extra={"event": "job_failed", "status": status.value, "error": message},
+        )
+
+    async def _already_done(self, job: Job, rec: JobRecord) -> bool:
+        """An earlier run into this folder left this job's complete, intact file."""
+        if rec.status is not JobStatus.SUCCEEDED or not rec.path or not rec.sha256:
+            return False
+        path = self.output_dir / rec.path
+        if not path.is_file() or rec.path != output_name(job.name, job.compression):
+            return False
+        digest = await anyio.to_thread.run_sync(sha256_of_file, path, job.compression)
+        return digest == rec.sha256
+
+    async def _attempts(self, job: Job, rec: JobRecord, jl: JobLog) -> None:
+        export_id = job.export_id or await self._query_export(job, rec, jl)
+        rec.export_id = export_id
+        jl.extra = {**(jl.extra or {}), "export_id": export_id}
+        # An interrupted earlier run keeps its retry budget; a finished, failed one gets a fresh one.
+        budget_start = rec.attempts if rec.status.is_final else 0
+        adopt = (rec.execution_id is not None and not rec.status.is_final) or rec.status is JobStatus.SUCCEEDED
+        while True:
+            execution = await self._adopt_or_create(job, rec, jl, export_id, adopt=adopt)
+            adopted, adopt = adopt and execution.id == rec.execution_id, False
+            jl.extra = {**(jl.extra or {}), "execution_id": execution.id}
+            deadline = (execution.creation_date or time.time() * 1000) / 1000 + job.timeout_s
+            try:
+                with anyio.fail_after(max(0.0, deadline - time.time())):
+                    final = await self._poll(job, rec, jl, export_id, execution)
+                    if final.is_success:
+                        try:
+                            await self._download(job, rec, jl, export_id, final)
+                            return
+                        except NotFoundError:
+                            if not adopted:
+                                raise
+                            jl.warning("the adopted execution's file is gone: starting a new execution")
+                            continue
+            except TimeoutError:
+                await self._cancel(export_id, execution.id, jl)
+                raise ExecutionTimeoutError(
+                    f"execution {execution.id} did not finish within timeout_s={job.timeout_s:g}"
+                ) from None
+            await self._record_failure(job, rec, jl, final)
+            if final.status not in RETRIED_STATUSES:
+                rec.status = JobStatus.CANCELLED
+                rec.error = f"execution {final.id} ended {final.raw_status}"
+                return
+            used = rec.attempts - budget_start
+            if used > job.retries:
+                raise ExecutionFailedError(
+                    f"execution {final.id} ended {final.raw_status}; {used} attempt(s) used, no retries left"
+                )
+            jl.warning(
+                "execution %s ended %s: retrying (%d of %d retries)",
+                final.id,
+                final.raw_status,
+                used,
+                job.retries,
+                extra={"event": "retry_execution"},
+            )
+
+    async def _adopt_or_create(self, job: Job, rec: JobRecord, jl: JobLog, export_id: str, *, adopt: bool) -> Execution:
+        """The execution to follow: an earlier run's (once), a lost create's, or a new one."""
+        if adopt and rec.execution_id:
+            found = await self.api.find_execution(export_id, rec.execution_id)
+            if found is not None and (found.is_success or not found.is_final):
+                jl.info(
+                    "adopting execution %s (%s) from an earlier run",
+                    found.id,
+                    found.raw_status,
+                    extra={"event": "adopted", "execution_id": found.id},
+                )
+                return found
+        for _ in range(3):
+            if rec.creating_since is not None:
+                lost = await self._find_lost_create(export_id, rec.creating_since)
+                if lost is not None:
+                    jl.info(
+                        "adopting execution %s whose create answer was lost",
+                        lost.id,
+                        extra={"event": "adopted", "execution_id": lost.id},
+                    )
+                    self._started(rec, lost)
+                    await self.writer.save()
+                    return lost
+            rec.creating_since = int(time.time() * 1000)
+            await self.writer.save()  # the intent is on disk before the POST
+            try:
+                execution = await self.api.create_execution(export_id)
+            except ConnectError:
+                raise
+            except TransportError as exc:
+                jl.warning("create-execution answer lost (%s): looking for it", exc)
+                continue
+            self._started(rec, execution)
+            await self.writer.save()
+            jl.info(
+                "created execution %s",
+                execution.id,
+                extra={
+                    "event": "execution_created",
+                    "execution_id": execution.id,
+                    "attempt": rec.attempts,
+                },
+            )
+            return execution
+        raise TransportError(f"could not create an execution of export {export_id}: answers lost 3 times")
+
+    def _started(self, rec: JobRecord, execution: Execution) -> None:
+        rec.execution_id = execution.id
+        rec.creating_since = None
+        rec.attempts += 1
+        rec.status = JobStatus.PENDING
+        rec.error = rec.error_file = None
+        rec.bytes = rec.records = rec.sha256 = rec.path = None
+        rec.invalid_lines, rec.invalid_line_numbers = 0, []
+
+    async def _find_lost_create(self, export_id: str, since_ms: int) -> Execution | None:
+        """The execution a lost create made: the oldest one created since the intent."""
+        claimed = {r.execution_id for r in self.manifest.jobs.values()}
+        page = await self.api.list_executions(export_id, 0, 10)
+        candidates = [
+            e
+            for e in page.items
+            if isinstance(e, Execution)
+            and e.creation_date is not None
+            and e.creation_date >= since_ms - ADOPT_WINDOW_MS
+            and e.id not in claimed
+            and (e.is_success or not e.is_final)
+        ]
+        return min(candidates, key=lambda e: e.creation_date or 0) if candidates else None
+
+    async def _poll(self, job: Job, rec: JobRecord, jl: JobLog, export_id: str, execution: Execution) -> Execution:
+        """Poll until final: exponential from initial_s, full jitter, capped at max_s."""
+        stall = _StallWatch(job.stall_s)
+
+        async def once() -> Execution:
+            nonlocal execution
+            found = await self.api.find_execution(export_id, execution.id)
+            if found is None:
+                raise JobError(f"execution {execution.id} is no longer listed by the API")
+            execution = found
+            await self._observe(rec, found)
+            if stall.stalled(found.completed_tasks):
+                jl.warning(
+                    "execution %s: completed_tasks stuck at %s/%s for %.0fs",
+                    found.id,
+                    found.completed_tasks,
+                    found.num_tasks,
+                    job.stall_s,
+                    extra={"event": "stalled"},
+                )
+                if job.stall_action == "timeout":
+                    await self._cancel(export_id, found.id, jl)
+                    raise ExecutionTimeoutError(
+                        f"execution {found.id} stalled at {found.completed_tasks}/{found.num_tasks} tasks "
+                        f"for {job.stall_s:g}s"
+                    )
+            return found
+
+        await self._observe(rec, execution)
+        if execution.is_final:
+            return execution
+        poller = backoff.on_predicate(
+            backoff.expo,
+            lambda e: not e.is_final,
+            factor=job.poll.initial_s,
+            max_value=job.poll.max_s,
+            jitter=backoff.full_jitter,
+            logger=None,
+        )(once)
+        result: Execution = await poller()
+        return result
+
+    async def _observe(self, rec: JobRecord, execution: Execution) -> None:
+        status = (
+            JobStatus.RUNNING
+            if execution.status
+            not in (
+                ExecutionStatus.PENDING,
+                ExecutionStatus.SCHEDULED,
+                ExecutionStatus.WAITING_DEPENDENT_JOB,
+            )
+            else JobStatus.PENDING
+        )
+        rec.num_tasks, rec.completed_tasks = execution.num_tasks, execution.completed_tasks
+        rec.erroneous_tasks = execution.erroneous_tasks
+        if not execution.is_final and status is not rec.status:
+            rec.status = status
+            await self.writer.save()
+
+    async def _download(self, job: Job, rec: JobRecord, jl: JobLog, export_id: str, execution: Execution) -> None:
+        rec.status = JobStatus.DOWNLOADING
+        rec.downloaded = 0
+        await self.writer.save()
+        dest = self.output_dir / output_name(job.name, job.compression)
+        started = time.monotonic()
+
+        def progress(n: int) -> None:
+            rec.downloaded = n
+
+        result = await download(
+            lambda start: self.api.stream_result(
+                export_id, execution.id, technical_name=execution.technical_name, start=start
+            ),
+            dest,
+            compression=job.compression,
+            tag=execution.id,
+            on_invalid=job.on_invalid,
+            on_progress=progress,
+        )
+        elapsed = max(1e-9, time.monotonic() - started)
+        rec.status = JobStatus.SUCCEEDED
+        rec.path = dest.name
+        rec.bytes, rec.records, rec.sha256 = result.bytes, result.records, result.sha256
+        rec.invalid_lines = result.stats.invalid_lines
+        rec.invalid_line_numbers = list(result.stats.invalid_line_numbers)
+        rec.finished_at = now_iso()
+        await self.writer.save()
+        jl.info(
+            "SUCCEEDED: %d records, %d bytes in %.1fs (%.1f MB/s)%s",
+            result.records,
+            result.bytes,
+            elapsed,
+            (result.bytes - result.resumed_from) / elapsed / 1e6,
+            f", resumed at byte {result.resumed_from}" if result.resumed_from else "",
+            extra={
+                "event": "job_succeeded",
+                "records": result.records,
+                "bytes": result.bytes,
+                "sha256": result.sha256,
+            },
+        )
+        if result.stats.invalid_lines:
+            jl.warning(
+                "%d invalid line(s) kept as served, first at line %d",
+                result.stats.invalid_lines,
+                result.stats.invalid_line_numbers[0],
+                extra={"event": "invalid_lines"},
+            )
+        if execution.erroneous_tasks:
+            jl.warning(
+                "the platform reports %d erroneous task(s) of %s",
+                execution.erroneous_tasks,
+                execution.num_tasks,
+                extra={"event": "erroneous_tasks"},
+            )
+        if result.records == 0:
+            jl.warning(
+                "the export is empty (0 records): check its query — a bad query silently yields an empty file",
+                extra={"event": "empty_result"},
+            )
+
+    async def _record_failure(self, job: Job, rec: JobRecord, jl: JobLog, execution: Execution) -> None:
+        """Keep the FAILED execution's error file beside the outputs, when the API has one."""
+        rec.error = f"execution {execution.id} ended {execution.raw_status}"
+        org = job.organisation_id or execution.organisation_id
+        if org and execution.status is ExecutionStatus.FAILED:
+            try:
+                text = await self.api.fetch_error_file(org, execution.id)
+            except MicsExportError as exc:
+                jl.warning("could not fetch the error file: %s", exc)
+                text = None
+            if text is not None:
+                name = f"{job.name}.error.txt"
+                await anyio.to_thread.run_sync(write_atomic, self.output_dir / name, text)
+                rec.error_file = name
+                first = text.decode("utf-8", "replace").strip().splitlines()[:1]
+                if first:
+                    rec.error += f": {first[0][:200]}"
+        await self.writer.save()
+
+    async def _cancel(self, export_id: str, execution_id: str, jl: JobLog) -> None:
+        """Best effort: the cancel endpoint is assumed, and its failure changes nothing."""
+        with anyio.move_on_after(10, shield=True):
+            try:
+                await self.api.cancel_execution(export_id, execution_id)
+                jl.info("asked the platform to cancel execution %s", execution_id)
+            except MicsExportError as exc:
+                jl.info("could not cancel execution %s: %s", execution_id, exc)
+
+    async def _query_export(self, job: Job, rec: JobRecord, jl: JobLog) -> str:
+        from orchestrator.queries import ensure_query_export
+
+        export = await ensure_query_export(self.api, job, self.query_prefix, jl)
+        rec.query_id = export.query_id
+        return export.id
+
+
+class _StallWatch:
+    """Notices when completed_tasks has not moved for ``stall_s`` seconds (once)."""
+
+    def __init__(self, stall_s: float | None) -> None:
+        self.stall_s = stall_s
+        self.value: int | None = None
+        self.since = time.monotonic()
+        self.reported = False
+
+    def stalled(self, value: int | None) -> bool:
+        now = time.monotonic()
+        if value != self.value:
+            self.value, self.since, self.reported = value, now, False
+            return False
+        if self.stall_s is None or self.reported or value is None or now - self.since < self.stall_s:
+            return False
+        self.reported = True
+        return True
+
+
+# -- the command ---------------------------------------------------------------------------
+def _select(job_file: JobFile, options: RunOptions) -> tuple[Job, ...]:
+    from orchestrator.sharding import resolve_shard, shard_of
+
+    jobs = job_file.select(options.only)
+    try:
+        shard = resolve_shard(options.shard, os.environ)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if shard is not None:
+        index, count = shard
+        jobs = tuple(j for j in jobs if shard_of(j.name, count) == index)
+    return jobs
+
+
+def execute(options: RunOptions) -> int:
+    """``mics-export run``: load, check, run, report. Returns the exit code."""
+    job_file = load_job_file(options.jobs_file)
+    jobs = _select(job_file, options)
+    token = None
+    if not options.simulate:
+        from orchestrator.cli import _token
+
+        token = _token(job_file.api.token_env)
+    base_url = os.environ.get("MICS_API_URL") or job_file.api.base_url
+    output_dir = job_file.output_dir(options.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {output_dir}: {exc.strerror or exc}") from None
+    live = options.progress == "on" or (options.progress == "auto" and sys.stderr.isatty())
+    from orchestrator.logs import setup_logging
+
+    setup_logging(
+        options.log_format,
+        options.verbosity,
+        secrets=[token] if token else [],
+        quiet=live,
+    )
+    return anyio.run(_main, options, job_file, jobs, token, base_url, output_dir, live)
+
+
+async def _main(
+    options: RunOptions,
+    job_file: JobFile,
+    jobs: tuple[Job, ...],
+    token: str | None,
+    base_url: str,
+    output_dir: Path,
+    live: bool,
+) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        if options.simulate:
+            from orchestrator.simulator import Simulator, demo_config
+
+            sim = await stack.enter_async_context(Simulator(demo_config()))
+            base_url, token = sim.url, sim.token
+            log.info("simulator serving on %s", sim.url, extra={"event": "simulator_started"})
+        assert token is not None
+        api = await stack.enter_async_context(ApiClient(base_url, token, retry=RetryPolicy()))
+        previous = Manifest.load(output_dir / MANIFEST_NAME)
+        manifest = Manifest()
+        runner = Runner(
+            jobs,
+            api,
+            output_dir,
+            concurrency=options.concurrency or job_file.run.concurrency,
+            manifest=manifest,
+            previous=previous,
+            query_prefix=job_file.api.query_export_prefix,
+        )
+        log.info(
+            "run %s: %d job(s) into %s, concurrency %d%s",
+            manifest.run_id,
+            len(jobs),
+            output_dir,
+            runner.limiter.total_tokens,
+            f", resuming run {previous.run_id}" if previous else "",
+            extra={"event": "run_started", "run_id": manifest.run_id},
+        )
+        received: list[signal.Signals] = []
+        view = None
+        if live:
+            from orchestrator.progress import ProgressView
+
+            view = ProgressView(manifest, [j.name for j in jobs]).__enter__()
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def watch_signals() -> None:
+                    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                        async for signum in signals:
+                            received.append(signal.Signals(signum))
+                            log.warning(
+                                "%s received: stopping",
+                                signal.Signals(signum).name,
+                                extra={"event": "interrupted"},
+                            )
+                            tg.cancel_scope.cancel()
+                            return
+
+                async def work() -> None:
+                    manifest.status = await runner.run()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch_signals)
+                tg.start_soon(work)
+        finally:
+            if received or manifest.status is RunStatus.RUNNING:
+                manifest.status = RunStatus.INTERRUPTED
+            manifest.finished_at = now_iso()
+            runner.writer.save_now()
+            if view is not None:
+                view.__exit__(None, None, None)
+                view.summary()
+        _report(manifest, jobs)
+        _push_metrics(options, manifest)
+    if received:
+        return EXIT_SIGNAL[received[0]]
+    return EXIT_OK if manifest.status is RunStatus.SUCCEEDED else EXIT_FAILED
+
+
+def _report(manifest: Manifest, jobs: tuple[Job, ...]) -> None:
+    counts: dict[str, int] = {}
+    for job in jobs:
+        status = manifest.jobs[job.name].status.value
+        counts[status] = counts.get(status, 0) + 1
+    log.info(
+        "run %s %s: %s",
+        manifest.run_id,
+        manifest.status.value,
+        ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+        extra={"event": "run_finished", "status": manifest.status.value, "counts": counts},
+    )
+
+
+def _push_metrics(options: RunOptions, manifest: Manifest) -> None:
+    if not options.metrics_pushgateway:
+        return
+    try:
+        from orchestrator.manifest import as_dict
+        from orchestrator.metrics import MetricsPushError, push_run_metrics
+    except ImportError:  # pragma: no cover - metrics are part of the package
+        return
+    grouping = {"shard": options.shard} if options.shard else None
+    try:
+        push_run_metrics(as_dict(manifest), options.metrics_pushgateway, grouping_key=grouping)
+    except MetricsPushError as exc:
+        log.warning("could not push metrics: %s", exc, extra={"event": "metrics_failed"})
+
+
+__all__ = ["RunOptions", "Runner", "execute"]
