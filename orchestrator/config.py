@@ -113,13 +113,27 @@ class Job(Settings):
         return self
 
 
+class Retries(_Strict):
+    """How transient API failures (429, 5xx, resets) are retried; seconds."""
+
+    max_tries: PositiveInt = 8
+    base_s: PositiveFloat = 0.5
+    max_wait_s: PositiveFloat = 30.0
+    max_time_s: PositiveFloat = 600.0
+
+
 class Api(_Strict):
-    """Where the API is and which variable holds the token."""
+    """Where the API is, which variable holds the token, and how to talk to it."""
 
     base_url: str = "https://api.mediarithmics.com"
     token_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "MICS_API_TOKEN"  # noqa: S105 - a variable name
     query_export_prefix: str = "mics-export:"
     """Exports the tool creates for query jobs are named PREFIX + job name."""
+    retries: Retries = Retries()
+    max_requests_in_flight: PositiveInt = 64
+    """Cap on concurrent HTTP requests; halves on each 429 and recovers (AIMD)."""
+    accept_gzip: bool = False
+    """Ask for gzip on the wire: worth it only on links slower than ~100 MB/s."""
 
 
 class RunSettings(_Strict):

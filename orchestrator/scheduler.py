@@ -36,6 +36,7 @@ from orchestrator.config import Job, JobFile, load_job_file
 from orchestrator.download import download, output_name, sha256_of_file
 from orchestrator.errors import (
     ApiError,
+    AuthError,
     ConnectError,
     ExecutionFailedError,
     ExecutionTimeoutError,
@@ -113,6 +114,8 @@ class Runner:
         self.writer = ManifestWriter(manifest, output_dir / MANIFEST_NAME)
         self.previous = previous
         self.query_prefix = query_prefix
+        self.auth_error: AuthError | None = None
+        self._stop = anyio.CancelScope()
         for job in jobs:
             old = previous.jobs.get(job.name) if previous else None
             manifest.jobs[job.name] = old if old is not None else JobRecord(name=job.name, export_id=job.export_id)
@@ -121,9 +124,16 @@ class Runner:
     async def run(self) -> RunStatus:
         """Run every job; returns SUCCEEDED only if every job succeeded."""
         await self.writer.save()
-        async with anyio.create_task_group() as tg:
+        with self._stop:
+            async with anyio.create_task_group() as tg:
+                for job in self.jobs:
+                    tg.start_soon(self._job, job)
+        if self.auth_error is not None:
             for job in self.jobs:
-                tg.start_soon(self._job, job)
+                rec = self.manifest.jobs[job.name]
+                if not rec.status.is_final:
+                    rec.status, rec.error = JobStatus.FAILED, f"not run: {self.auth_error}"
+            await self.writer.save()
         ok = all(self.manifest.jobs[j.name].status is JobStatus.SUCCEEDED for j in self.jobs)
         return RunStatus.SUCCEEDED if ok else RunStatus.FAILED
 
@@ -149,6 +159,11 @@ class Runner:
                     JobStatus.TIMED_OUT if isinstance(exc, ExecutionTimeoutError) else JobStatus.FAILED,
                     str(exc),
                 )
+            except AuthError as exc:
+                # Every other job would get the same answer: stop the run, say why once.
+                self._fail(rec, jl, JobStatus.FAILED, str(exc))
+                self.auth_error = exc
+                self._stop.cancel()
             except (ApiError, TransportError) as exc:
                 self._fail(rec, jl, JobStatus.FAILED, str(exc))
             if rec.status.is_final:
@@ -274,7 +289,7 @@ class Runner:
         rec.creating_since = None
         rec.attempts += 1
         rec.status = JobStatus.PENDING
-        rec.error = rec.error_file = None
+        rec.error = None  # error_file stays: the last failed attempt's file is still worth reading
         rec.bytes = rec.records = rec.sha256 = rec.path = None
         rec.invalid_lines, rec.invalid_line_numbers = 0, []
 
@@ -471,7 +486,7 @@ class _StallWatch:
 
 
 # -- the command ---------------------------------------------------------------------------
-def _select(job_file: JobFile, options: RunOptions) -> tuple[Job, ...]:
+def _select(job_file: JobFile, options: RunOptions) -> tuple[tuple[Job, ...], tuple[int, int] | None]:
     from orchestrator.sharding import resolve_shard, shard_of
 
     jobs = job_file.select(options.only)
@@ -482,13 +497,13 @@ def _select(job_file: JobFile, options: RunOptions) -> tuple[Job, ...]:
     if shard is not None:
         index, count = shard
         jobs = tuple(j for j in jobs if shard_of(j.name, count) == index)
-    return jobs
+    return jobs, shard
 
 
 def execute(options: RunOptions) -> int:
     """``mics-export run``: load, check, run, report. Returns the exit code."""
     job_file = load_job_file(options.jobs_file)
-    jobs = _select(job_file, options)
+    jobs, shard = _select(job_file, options)
     token = None
     if not options.simulate:
         from orchestrator.cli import _token
@@ -509,18 +524,27 @@ def execute(options: RunOptions) -> int:
         secrets=[token] if token else [],
         quiet=live,
     )
-    return anyio.run(_main, options, job_file, jobs, token, base_url, output_dir, live)
+    plan = _Plan(options, job_file, jobs, shard, token, base_url, output_dir, live)
+    return anyio.run(_main, plan)
 
 
-async def _main(
-    options: RunOptions,
-    job_file: JobFile,
-    jobs: tuple[Job, ...],
-    token: str | None,
-    base_url: str,
-    output_dir: Path,
-    live: bool,
-) -> int:
+@dataclass(frozen=True)
+class _Plan:
+    """Everything checked before the first request: a run starts only from a valid plan."""
+
+    options: RunOptions
+    job_file: JobFile
+    jobs: tuple[Job, ...]
+    shard: tuple[int, int] | None
+    token: str | None
+    base_url: str
+    output_dir: Path
+    live: bool
+
+
+async def _main(plan: _Plan) -> int:
+    options, job_file, jobs, output_dir = plan.options, plan.job_file, plan.jobs, plan.output_dir
+    token, base_url = plan.token, plan.base_url
     async with contextlib.AsyncExitStack() as stack:
         if options.simulate:
             from orchestrator.simulator import Simulator, demo_config
@@ -529,7 +553,21 @@ async def _main(
             base_url, token = sim.url, sim.token
             log.info("simulator serving on %s", sim.url, extra={"event": "simulator_started"})
         assert token is not None
-        api = await stack.enter_async_context(ApiClient(base_url, token, retry=RetryPolicy()))
+        settings = job_file.api
+        api = await stack.enter_async_context(
+            ApiClient(
+                base_url,
+                token,
+                retry=RetryPolicy(
+                    max_tries=settings.retries.max_tries,
+                    base_s=settings.retries.base_s,
+                    max_wait_s=settings.retries.max_wait_s,
+                    max_time_s=settings.retries.max_time_s,
+                ),
+                max_requests_in_flight=settings.max_requests_in_flight,
+                accept_gzip=settings.accept_gzip,
+            )
+        )
         previous = Manifest.load(output_dir / MANIFEST_NAME)
         manifest = Manifest()
         runner = Runner(
@@ -552,7 +590,7 @@ async def _main(
         )
         received: list[signal.Signals] = []
         view = None
-        if live:
+        if plan.live:
             from orchestrator.progress import ProgressView
 
             view = ProgressView(manifest, [j.name for j in jobs]).__enter__()
@@ -586,7 +624,7 @@ async def _main(
                 view.__exit__(None, None, None)
                 view.summary()
         _report(manifest, jobs)
-        _push_metrics(options, manifest)
+        await _push_metrics(options.metrics_pushgateway, manifest, plan.shard)
     if received:
         return EXIT_SIGNAL[received[0]]
     return EXIT_OK if manifest.status is RunStatus.SUCCEEDED else EXIT_FAILED
@@ -606,17 +644,22 @@ def _report(manifest: Manifest, jobs: tuple[Job, ...]) -> None:
     )
 
 
-def _push_metrics(options: RunOptions, manifest: Manifest) -> None:
-    if not options.metrics_pushgateway:
+async def _push_metrics(gateway: str | None, manifest: Manifest, shard: tuple[int, int] | None) -> None:
+    """Push the run's metrics (in a thread: the client blocks); a failure is only a warning."""
+    if not gateway:
         return
+    from orchestrator.manifest import as_dict
+    from orchestrator.metrics import MetricsPushError, push_run_metrics, shard_grouping_key
+
+    # After a signal the whole stop must fit in 10 s: keep the push short then.
+    timeout_s = 3.0 if manifest.status is RunStatus.INTERRUPTED else 10.0
     try:
-        from orchestrator.manifest import as_dict
-        from orchestrator.metrics import MetricsPushError, push_run_metrics
-    except ImportError:  # pragma: no cover - metrics are part of the package
-        return
-    grouping = {"shard": options.shard} if options.shard else None
-    try:
-        push_run_metrics(as_dict(manifest), options.metrics_pushgateway, grouping_key=grouping)
+        await anyio.to_thread.run_sync(
+            lambda: push_run_metrics(
+                as_dict(manifest), gateway, grouping_key=shard_grouping_key(shard), timeout_s=timeout_s
+            )
+        )
+        log.info("metrics pushed to the Pushgateway", extra={"event": "metrics_pushed"})
     except MetricsPushError as exc:
         log.warning("could not push metrics: %s", exc, extra={"event": "metrics_failed"})
 

@@ -18,7 +18,7 @@ from types import TracebackType
 
 from aiohttp import web
 
-from orchestrator.simulator.app import SimExecution, SimState, SimStats, create_app
+from orchestrator.simulator.app import STATE, SimExecution, SimState, SimStats, create_app
 from orchestrator.simulator.config import (
     DEFAULT_TOKEN,
     ExportSpec,
@@ -42,8 +42,7 @@ class Simulator:
     @property
     def state(self) -> SimState:
         """The simulated platform's data."""
-        state: SimState = self.app["state"]
-        return state
+        return self.app[STATE]
 
     @property
     def stats(self) -> SimStats:

@@ -35,6 +35,9 @@ _DATA_FILE_URI = re.compile(
 _OTQL = re.compile(r"^\s*SELECT\s+.+\s+FROM\s+\w+", re.IGNORECASE | re.DOTALL)
 
 
+STATE: web.AppKey[SimState]
+
+
 @dataclass
 class SimStats:
     """What the simulator saw. Counters are keyed by route name, export id or execution id."""
@@ -204,6 +207,9 @@ class SimState:
         return body
 
 
+STATE = web.AppKey("state", SimState)
+
+
 # -- helpers -------------------------------------------------------------------------------
 def _ok(data: Any, **extra: Any) -> web.Response:
     return web.Response(body=orjson.dumps({"status": "ok", "data": data, **extra}), content_type="application/json")
@@ -262,7 +268,7 @@ def _export_json(spec: ExportSpec) -> dict[str, Any]:
 
 # -- the application -----------------------------------------------------------------------
 def create_app(config: SimulatorConfig) -> web.Application:
-    """The simulator as an aiohttp application; ``app["state"]`` is its :class:`SimState`."""
+    """The simulator as an aiohttp application; ``app[STATE]`` is its :class:`SimState`."""
     state = SimState(config)
     faults = config.faults
 
@@ -454,14 +460,16 @@ def create_app(config: SimulatorConfig) -> web.Application:
         match = _RANGE.match(request.headers.get("Range", ""))
         if match and not faults.ignore_range:
             start = int(match.group(1))
-            if start > total:
-                return _error(state, 416, "Requested Range Not Satisfiable")
+            if start >= total:
+                # RFC 9110 §14.4: a range starting at or past the end is unsatisfiable; the
+                # 416 says the size, so a client that already has every byte knows it.
+                return _error(state, 416, "Requested Range Not Satisfiable", {"Content-Range": f"bytes */{total}"})
             state.stats.range_starts.append((exe.id, start))
         resp = web.StreamResponse(status=206 if match and not faults.ignore_range else 200)
         resp.content_type = "application/x-ndjson"
         resp.content_length = total - start
         if resp.status == 206:
-            resp.headers["Content-Range"] = f"bytes {start}-{max(start, total - 1)}/{total}"
+            resp.headers["Content-Range"] = f"bytes {start}-{total - 1}/{total}"
         resp.headers["Accept-Ranges"] = "bytes"
         state.downloads[exe.id] += 1
         state.stats.downloads_started[exe.id] += 1
@@ -520,7 +528,7 @@ def create_app(config: SimulatorConfig) -> web.Application:
         return web.Response(body=text.encode(), content_type="text/plain")
 
     app = web.Application(middlewares=[envelope], client_max_size=1 << 20)
-    app["state"] = state
+    app[STATE] = state
     r = app.router
     r.add_get("/v1/exports", list_exports, name="exports.list")
     r.add_post("/v1/exports", create_export, name="exports.create")

@@ -1,0 +1,146 @@
+"""Shared helpers for the end-to-end tests: job files, running the real CLI, waiting."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+import zstandard
+
+from orchestrator.simulator import ExportSpec
+
+TOKEN = "tok-SECRET-e2e-5f3a9c"
+
+FAST = {
+    "organisation_id": "1426",
+    "poll": {"initial_s": 0.01, "max_s": 0.05},
+    "timeout_s": 60,
+    "retries": 2,
+}
+FAST_API = {"retries": {"max_tries": 6, "base_s": 0.005, "max_wait_s": 0.05, "max_time_s": 30}}
+
+
+def write_jobs(
+    folder: Path,
+    jobs: list[dict[str, Any]],
+    *,
+    defaults: dict[str, Any] | None = None,
+    api: dict[str, Any] | None = None,
+    concurrency: int = 8,
+    name: str = "jobs.yaml",
+) -> Path:
+    """A job file in ``folder`` with fast polling and retries, writing to folder/out."""
+    doc = {
+        "version": 1,
+        "api": {**FAST_API, **(api or {})},
+        "run": {"output_dir": str(folder / "out"), "concurrency": concurrency},
+        "defaults": {**FAST, **(defaults or {})},
+        "jobs": jobs,
+    }
+    path = folder / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def cli_env(url: str | None = None, token: str | None = TOKEN, **extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess: the simulator's URL and the token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MICS_") and k != "JOB_COMPLETION_INDEX"}
+    if url:
+        env["MICS_API_URL"] = url
+    if token:
+        env["MICS_API_TOKEN"] = token
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``mics-export ARGS`` to completion; returns code, stdout, stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def start_cli(*args: str, env: dict[str, str], stderr: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+    """Start ``mics-export ARGS`` in the background."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
+    """Poll ``condition`` until it is truthy (returns its value) or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def manifest(out: Path) -> dict[str, Any]:
+    """The manifest.json of an output folder."""
+    data: dict[str, Any] = orjson.loads((out / "manifest.json").read_bytes())
+    return data
+
+
+def read_manifest_if_any(out: Path) -> dict[str, Any] | None:
+    """The manifest if it exists and parses (it is replaced atomically, so it always should)."""
+    try:
+        return manifest(out)
+    except FileNotFoundError:
+        return None
+
+
+def jobs_by_name(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's jobs keyed by name."""
+    return {j["name"]: j for j in doc["jobs"]}
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a file's uncompressed content (.gz and .zst decompressed)."""
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    elif path.suffix == ".zst":
+        data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def assert_exact(out: Path, name: str, spec: ExportSpec, suffix: str = ".ndjson") -> dict[str, Any]:
+    """The job's file and manifest entry match, byte for byte, what the simulator served."""
+    result = spec.result()
+    entry = jobs_by_name(manifest(out))[name]
+    path = out / f"{name}{suffix}"
+    assert entry["status"] == "SUCCEEDED", entry
+    assert entry["path"] == path.name
+    assert content_sha256(path) == result.sha256() == entry["sha256"]
+    assert entry["bytes"] == result.size
+    assert entry["records"] == result.records
+    assert entry["invalid_lines"] == result.invalid_lines
+    assert entry["invalid_line_numbers"] == result.invalid_line_numbers()
+    return entry
+
+
+def leftovers(out: Path) -> list[str]:
+    """Temporary files left in an output folder (there should be none after a run)."""
+    return sorted(p.name for p in out.glob(".*") if p.name.endswith((".part", ".tmp")))
