@@ -103,11 +103,21 @@ class Throttle:
     """Shared back-pressure: a pause and an AIMD cap on requests in flight.
 
     On a 429, every request waits until the pause ends and the cap halves; each success
-    raises the cap by ``recovery_step`` until ``max_in_flight``.
+    raises the cap by ``recovery_step`` until ``max_in_flight``. The pause is the server's
+    ``Retry-After`` or, without one, ``min(max_pause_s, base_pause_s * 2 ** k)`` for the
+    k-th 429 in a row (seconds).
     """
 
-    def __init__(self, max_in_flight: int = 64, recovery_step: float = 0.25) -> None:
+    def __init__(
+        self,
+        max_in_flight: int = 64,
+        recovery_step: float = 0.25,
+        base_pause_s: float = 0.5,
+        max_pause_s: float = 30.0,
+    ) -> None:
         self.max_in_flight = max_in_flight
+        self.base_pause_s = base_pause_s
+        self.max_pause_s = max_pause_s
         self.limit = float(max_in_flight)
         self.recovery_step = recovery_step
         self.in_flight = 0
@@ -148,7 +158,10 @@ class Throttle:
         """The API said 429: pause everyone and halve the cap."""
         self.throttled += 1
         self._consecutive += 1
-        pause = retry_after_s if retry_after_s is not None else min(30.0, 0.25 * 2**self._consecutive)
+        if retry_after_s is not None:
+            pause = retry_after_s
+        else:
+            pause = min(self.max_pause_s, self.base_pause_s * 2 ** (self._consecutive - 1))
         self.pause_until = max(self.pause_until, time.monotonic() + pause)
         new_limit = max(1.0, self.limit / 2)
         if int(new_limit) < int(self.limit):
@@ -213,7 +226,9 @@ class ApiClient:
         self.timeouts = timeouts or Timeouts()
         self.retry = retry or RetryPolicy()
         self.max_connections = max_connections
-        self.throttle = Throttle(max_requests_in_flight)
+        self.throttle = Throttle(
+            max_requests_in_flight, base_pause_s=self.retry.base_s, max_pause_s=self.retry.max_wait_s
+        )
         # The files compress ~4× but inflating costs ~2.6 CPU-s/GB on the event loop
         # (PERF-NOTES): ask for identity unless the link is slower than ~100 MB/s.
         self.accept_gzip = accept_gzip

@@ -420,6 +420,10 @@ def create_app(config: SimulatorConfig) -> web.Application:
         if body != {}:
             raise _BadRequest("the body must be an empty JSON object: {}")
         exe = state.create_execution(spec)
+        if state.stats.executions_created[spec.id] <= faults.lose_create_first_k:
+            state.stats.faults["lost_create"] += 1
+            if request.transport is not None:
+                request.transport.abort()  # created, but the client never hears of it
         return _ok(state.status_of(exe))
 
     async def list_executions(request: web.Request) -> web.Response:
@@ -473,8 +477,10 @@ def create_app(config: SimulatorConfig) -> web.Application:
         resp.headers["Accept-Ranges"] = "bytes"
         state.downloads[exe.id] += 1
         state.stats.downloads_started[exe.id] += 1
+        # The cut is at an absolute offset of the file: a resumed download that starts at
+        # or past it is cut at once, like a server that always dies at the same byte.
         cut = (
-            faults.reset_after_bytes
+            max(0, faults.reset_after_bytes - start)
             if faults.reset_after_bytes is not None and state.downloads[exe.id] <= faults.reset_first_k
             else None
         )
@@ -485,7 +491,6 @@ def create_app(config: SimulatorConfig) -> web.Application:
                 await resp.write(view[: max(0, cut - sent)])
                 state.stats.bytes_served += max(0, cut - sent)
                 state.stats.faults["reset"] += 1
-                await resp.drain()
                 transport = request.transport
                 if transport is not None:
                     if faults.reset_mode == "reset":

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.simulator.data import SHAPES, ResultFile
+from orchestrator.simulator.data import SHAPES, ResultFile, check_shape
 
 DEFAULT_TOKEN = "sim-token"  # noqa: S105 - the simulator's well-known fake token
 DEFAULT_ORGANISATION = "1426"
@@ -50,6 +50,9 @@ class ExportSpec:
     stall: bool = False
     running_status: str = "RUNNING"
 
+    def __post_init__(self) -> None:
+        check_shape(self.shape, self.invalid_every, self.blank_every)
+
     def result(self) -> ResultFile:
         """The result file every successful execution of this export serves."""
         return ResultFile(self.size_bytes, self.shape, self.seed, self.invalid_every, self.blank_every)
@@ -76,9 +79,11 @@ class Faults:
     """Seeded fault injection. Rates are fractions of API requests (0..1).
 
     ``reset_after_bytes`` with ``reset_first_k``: the first k downloads of each file are
-    cut after that many bytes (``reset_mode`` "reset" aborts the TCP connection, "close"
+    cut at that byte offset of the file (``reset_mode`` "reset" aborts the TCP connection, "close"
     closes it cleanly: a body shorter than its Content-Length). ``slow_body_bps`` caps
     download speed. ``ignore_range`` answers Range requests with the whole file (200).
+    ``lose_create_first_k``: the first k create-execution requests of each export create
+    the execution, then drop the connection before answering (a lost response).
     """
 
     seed: int = 0
@@ -90,6 +95,7 @@ class Faults:
     reset_mode: str = "reset"
     slow_body_bps: int | None = None
     ignore_range: bool = False
+    lose_create_first_k: int = 0
 
 
 @dataclass(frozen=True)

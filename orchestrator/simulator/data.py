@@ -36,6 +36,14 @@ SHAPES = ("small", "user", "big")
 _BLANK, _RECORD, _INVALID = 0, 1, 2
 
 
+def check_shape(shape: str, invalid_every: int, blank_every: int) -> None:
+    """Refuse settings that would silently serve something else (a typo in a shape name)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r} (one of {', '.join(SHAPES)})")
+    if invalid_every < 0 or blank_every < 0:
+        raise ValueError("invalid_every and blank_every must be >= 0 (0: never)")
+
+
 def _record(rng: random.Random, shape: str) -> dict[str, object]:
     upid = f"up-{rng.randrange(10**9, 10**10)}"
     emails = [{"id": str(rng.randrange(10**19, 10**20))} for _ in range(rng.choice((0, 1, 1, 1)))]
@@ -134,6 +142,9 @@ class ResultFile:
     seed: int = 0
     invalid_every: int = 0
     blank_every: int = 0
+
+    def __post_init__(self) -> None:
+        check_shape(self.shape, self.invalid_every, self.blank_every)
 
     def _tpl(self, block: int) -> _Template:
         return _template(self.shape, self.invalid_every, self.blank_every, (self.seed + block) % TEMPLATES)
