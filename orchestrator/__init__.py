@@ -1,33 +1,71 @@
 """mics-export: an asyncio bulk orchestrator for mediarithmics Query Exports.
 
-The modules are private by default; the names below are the public API.
+The modules are private by default; the names in ``__all__`` are the public API.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from orchestrator._version import __version__
-from orchestrator.api import ApiClient, RetryPolicy, Throttle, Timeouts
-from orchestrator.config import Job, JobFile, load_job_file, parse_job_file
-from orchestrator.download import DownloadResult, download
-from orchestrator.errors import (
-    ApiError,
-    AuthError,
-    ConfigError,
-    ConnectError,
-    ExecutionFailedError,
-    ExecutionTimeoutError,
-    IncompleteBodyError,
-    InvalidDataError,
-    JobError,
-    MicsExportError,
-    MissingTokenError,
-    NotFoundError,
-    TransientApiError,
-    TransportError,
-    UsageError,
-)
-from orchestrator.manifest import JobRecord, JobStatus, Manifest, RunStatus
-from orchestrator.models import Execution, ExecutionStatus, Export, Page
-from orchestrator.ndjson import LineChecker, LineStats
-from orchestrator.scheduler import Runner, RunOptions, execute
+
+# Public names are loaded on first use (PEP 562), so that `python -m orchestrator.workers`
+# (the validation worker processes) imports orjson and nothing heavier.
+_LAZY = {
+    "ApiClient": "orchestrator.api",
+    "ApiError": "orchestrator.errors",
+    "AuthError": "orchestrator.errors",
+    "ConfigError": "orchestrator.errors",
+    "ConnectError": "orchestrator.errors",
+    "DownloadResult": "orchestrator.download",
+    "Execution": "orchestrator.models",
+    "ExecutionFailedError": "orchestrator.errors",
+    "ExecutionStatus": "orchestrator.models",
+    "ExecutionTimeoutError": "orchestrator.errors",
+    "Export": "orchestrator.models",
+    "IncompleteBodyError": "orchestrator.errors",
+    "InvalidDataError": "orchestrator.errors",
+    "Job": "orchestrator.config",
+    "JobError": "orchestrator.errors",
+    "JobFile": "orchestrator.config",
+    "JobRecord": "orchestrator.manifest",
+    "JobStatus": "orchestrator.manifest",
+    "LineChecker": "orchestrator.ndjson",
+    "LineStats": "orchestrator.ndjson",
+    "Manifest": "orchestrator.manifest",
+    "MicsExportError": "orchestrator.errors",
+    "MissingTokenError": "orchestrator.errors",
+    "NotFoundError": "orchestrator.errors",
+    "Page": "orchestrator.models",
+    "RetryPolicy": "orchestrator.api",
+    "RunOptions": "orchestrator.scheduler",
+    "RunStatus": "orchestrator.manifest",
+    "Runner": "orchestrator.scheduler",
+    "Throttle": "orchestrator.api",
+    "Timeouts": "orchestrator.api",
+    "TransientApiError": "orchestrator.errors",
+    "TransportError": "orchestrator.errors",
+    "UsageError": "orchestrator.errors",
+    "download": "orchestrator.download",
+    "execute": "orchestrator.scheduler",
+    "load_job_file": "orchestrator.config",
+    "parse_job_file": "orchestrator.config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "ApiClient",

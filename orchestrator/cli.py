@@ -20,7 +20,7 @@ import orjson
 
 from orchestrator._version import __version__
 from orchestrator.api import DEFAULT_BASE_URL, ApiClient
-from orchestrator.errors import MicsExportError, MissingTokenError, UsageError
+from orchestrator.errors import MicsExportError, MissingTokenError, UsageError, single_error
 
 T = TypeVar("T")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -386,6 +386,15 @@ def download(export_id: str, execution_id: str, output: Path, api_url: str | Non
     return EXIT_OK
 
 
+def _report(exc: BaseException) -> int:
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if not isinstance(exc, MicsExportError):
+        raise exc
+    click.echo(f"mics-export: error: {exc}", err=True)
+    return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: run the CLI and exit with the code SPEC.md gives."""
     try:
@@ -401,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = exc.exit_code
     except click.exceptions.Abort:
         code = 130
+    except BaseExceptionGroup as group:  # a task group's wrapper around one real error
+        code = _report(single_error(group))
     except UsageError as exc:
         click.echo(f"mics-export: error: {exc}", err=True)
         code = EXIT_USAGE

@@ -36,11 +36,12 @@ class ExecutionStatus(StrEnum):
     @classmethod
     def parse(cls, value: object) -> ExecutionStatus:
         """The member for ``value``; UNKNOWN (and a warning) for anything unlisted."""
+        text = str(value)
         try:
-            return cls(str(value))
+            return cls(text)
         except ValueError:
-            if value not in _warned_unknown:
-                _warned_unknown.add(value)
+            if text not in _warned_unknown:  # by text: the raw value may be unhashable (a list)
+                _warned_unknown.add(text)
                 log.warning("unknown execution status %r: treated as in progress", value)
             return cls.UNKNOWN
 
@@ -64,7 +65,7 @@ _FAILURE = frozenset(
         ExecutionStatus.EXECUTOR_NOT_RESPONDING,
     }
 )
-_warned_unknown: set[object] = set()
+_warned_unknown: set[str] = set()
 
 
 def _id(value: Any) -> str | None:

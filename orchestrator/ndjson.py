@@ -91,6 +91,11 @@ class LineChecker:
             self._tail = b""
         return self.stats
 
+    def take_tail(self) -> bytes:
+        """Hand over the held-back incomplete line (to continue elsewhere)."""
+        tail, self._tail = self._tail, b""
+        return tail
+
     @property
     def pending_bytes(self) -> int:
         """Bytes held back waiting for their newline (an unfinished line)."""

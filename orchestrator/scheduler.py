@@ -57,6 +57,7 @@ from orchestrator.manifest import (
     write_atomic,
 )
 from orchestrator.models import Execution, ExecutionStatus
+from orchestrator.workers import ValidatorPool, default_workers, validator_pool
 
 log = logging.getLogger("orchestrator.scheduler")
 
@@ -105,6 +106,7 @@ class Runner:
         manifest: Manifest,
         previous: Manifest | None = None,
         query_prefix: str = "mics-export:",
+        pool: ValidatorPool | None = None,
     ) -> None:
         self.jobs = jobs
         self.api = api
@@ -114,6 +116,7 @@ class Runner:
         self.writer = ManifestWriter(manifest, output_dir / MANIFEST_NAME)
         self.previous = previous
         self.query_prefix = query_prefix
+        self.pool = pool
         self.auth_error: AuthError | None = None
         self._stop = anyio.CancelScope()
         for job in jobs:
@@ -386,6 +389,7 @@ class Runner:
             tag=execution.id,
             on_invalid=job.on_invalid,
             on_progress=progress,
+            pool=self.pool,
         )
         elapsed = max(1e-9, time.monotonic() - started)
         rec.status = JobStatus.SUCCEEDED
@@ -568,6 +572,8 @@ async def _main(plan: _Plan) -> int:
                 accept_gzip=settings.accept_gzip,
             )
         )
+        workers = default_workers() if options.workers is None else options.workers
+        pool = await stack.enter_async_context(validator_pool(workers)) if workers > 0 else None
         previous = Manifest.load(output_dir / MANIFEST_NAME)
         manifest = Manifest()
         runner = Runner(
@@ -578,13 +584,15 @@ async def _main(plan: _Plan) -> int:
             manifest=manifest,
             previous=previous,
             query_prefix=job_file.api.query_export_prefix,
+            pool=pool,
         )
         log.info(
-            "run %s: %d job(s) into %s, concurrency %d%s",
+            "run %s: %d job(s) into %s, concurrency %d, %d validation worker(s)%s",
             manifest.run_id,
             len(jobs),
             output_dir,
             runner.limiter.total_tokens,
+            workers,
             f", resuming run {previous.run_id}" if previous else "",
             extra={"event": "run_started", "run_id": manifest.run_id},
         )

@@ -14,8 +14,11 @@ It keeps its own accounting in :class:`SimStats` so tests can check what the cli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
+import socket
+import struct
 import time
 import uuid
 from collections import Counter
@@ -211,6 +214,15 @@ STATE = web.AppKey("state", SimState)
 
 
 # -- helpers -------------------------------------------------------------------------------
+def _hard_reset(transport: asyncio.Transport) -> None:
+    """Close with a TCP RST, like a crashed proxy: SO_LINGER 0 drops unsent bytes too."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
 def _ok(data: Any, **extra: Any) -> web.Response:
     return web.Response(body=orjson.dumps({"status": "ok", "data": data, **extra}), content_type="application/json")
 
@@ -494,7 +506,7 @@ def create_app(config: SimulatorConfig) -> web.Application:
                 transport = request.transport
                 if transport is not None:
                     if faults.reset_mode == "reset":
-                        transport.abort()
+                        _hard_reset(transport)
                     else:
                         transport.close()
                 return resp

@@ -119,6 +119,8 @@ class SimulatorConfig:
         exports = []
         for item in data.get("exports") or ():
             _check_keys("scenario export", item, {f.name for f in fields(ExportSpec)})
+            if item.get("id") is None:
+                raise ValueError("scenario export: id is required")
             item = {**item, "id": str(item["id"])}
             exports.append(ExportSpec.derived(item["id"], **item))
         faults = data.get("faults") or {}
@@ -129,7 +131,12 @@ class SimulatorConfig:
     @classmethod
     def from_file(cls, path: Path) -> SimulatorConfig:
         """Load a YAML scenario file."""
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a scenario must be a mapping")
         return cls.from_mapping(data)

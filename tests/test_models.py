@@ -1,0 +1,182 @@
+"""Tests for orchestrator.models: status semantics, parsing the reference's JSON, paging."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from orchestrator.models import Execution, ExecutionStatus, Export, Page
+
+# NOTES.md: the platform's job enum, with success and final-failure sets.
+SUCCESS = {"SUCCEEDED", "SUCCESS"}
+FAILURE = {"FAILED", "CANCELED", "LOST", "EXECUTOR_NOT_RESPONDING"}
+IN_PROGRESS = {"WAITING_DEPENDENT_JOB", "SCHEDULED", "PENDING", "RUNNING"}
+
+
+@pytest.mark.parametrize("value", sorted(SUCCESS | FAILURE | IN_PROGRESS))
+def test_every_documented_status_has_the_documented_meaning(value: str) -> None:
+    """Each status of NOTES.md is a success, a final failure or still in progress, exactly as documented."""
+    status = ExecutionStatus.parse(value)
+    assert status.value == value
+    assert status.is_success == (value in SUCCESS)
+    assert status.is_final == (value in SUCCESS | FAILURE)
+
+
+def test_every_member_is_documented_or_unknown() -> None:
+    """The enum holds the documented values and UNKNOWN, nothing else."""
+    assert {s.value for s in ExecutionStatus} == SUCCESS | FAILURE | IN_PROGRESS | {"UNKNOWN"}
+
+
+@pytest.mark.parametrize("value", ["QUANTUM", "CANCELLED", "succeeded", "", None, 3, ["RUNNING"], {"s": 1}])
+def test_unknown_status_is_in_progress(value: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """An unlisted status (a near miss like CANCELLED, lower case, not a string) is UNKNOWN: not final, no crash."""
+    caplog.set_level(logging.WARNING, logger="orchestrator")
+    status = ExecutionStatus.parse(value)
+    assert status is ExecutionStatus.UNKNOWN
+    assert not status.is_final and not status.is_success
+
+
+def test_unknown_status_is_warned_about_once() -> None:
+    """A new status value is logged once, not on every poll."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("orchestrator.models")
+    handler, level = Keep(logging.WARNING), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        for _ in range(3):
+            ExecutionStatus.parse("BRAND_NEW_STATUS_1")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r.getMessage() for r in records] == [
+        "unknown execution status 'BRAND_NEW_STATUS_1': treated as in progress"
+    ]
+
+
+# The first execution of the "Execution status" example in query-exports.md, verbatim.
+REFERENCE_EXECUTION: dict[str, Any] = {
+    "parameters": {},
+    "organisation_id": "1426",
+    "user_id": "8987",
+    "result": {"output_files": ["export"]},
+    "error": None,
+    "id": "7897897",
+    "status": "SUCCEEDED",
+    "creation_date": 1562595783663,
+    "start_date": 1562595789171,
+    "duration": 292617,
+    "cancel_status": None,
+    "debug": None,
+    "is_retryable": False,
+    "permalink_uri": "",
+    "num_tasks": 299808,
+    "completed_tasks": 277105,
+    "erroneous_tasks": 22703,
+    "retry_count": 0,
+    "job_type": "DATAMART_QUERY_EXPORT",
+    "end_date": 1562596081788,
+}
+
+# The "Generate an execution" answer in query-exports.md, verbatim.
+REFERENCE_NEW_EXECUTION: dict[str, Any] = {
+    "parameters": {},
+    "organisation_id": "1426",
+    "user_id": "2886",
+    "result": None,
+    "error": None,
+    "id": "879879879",
+    "status": "PENDING",
+    "creation_date": 1612789702668,
+    "start_date": None,
+    "duration": None,
+    "cancel_status": None,
+    "debug": None,
+    "is_retryable": False,
+    "permalink_uri": "MTowOjA65985NjYyOQ==",
+    "num_tasks": None,
+    "completed_tasks": None,
+    "erroneous_tasks": None,
+    "retry_count": 0,
+    "job_type": "DATAMART_QUERY_EXPORT",
+}
+
+
+def test_execution_from_the_reference_example() -> None:
+    """The reference's succeeded execution parses with its dates, task counts (erroneous included) and file."""
+    e = Execution.from_api(REFERENCE_EXECUTION)
+    assert e.id == "7897897"
+    assert e.status is ExecutionStatus.SUCCEEDED and e.raw_status == "SUCCEEDED"
+    assert e.is_success and e.is_final
+    assert (e.creation_date, e.start_date, e.end_date) == (1562595783663, 1562595789171, 1562596081788)
+    assert (e.num_tasks, e.completed_tasks, e.erroneous_tasks) == (299808, 277105, 22703)
+    assert e.organisation_id == "1426"
+    assert e.output_files == ("export",)
+    assert e.technical_name == "export"
+    assert e.error is None
+    assert e.extra == REFERENCE_EXECUTION
+
+
+def test_new_execution_from_the_reference_example() -> None:
+    """The reference's freshly created execution is PENDING, with no counts, no files and the default file name."""
+    e = Execution.from_api(REFERENCE_NEW_EXECUTION)
+    assert (e.id, e.status, e.is_final) == ("879879879", ExecutionStatus.PENDING, False)
+    assert (e.start_date, e.end_date, e.num_tasks, e.completed_tasks, e.erroneous_tasks) == (None,) * 5
+    assert e.output_files == ()
+    assert e.technical_name == "export"
+
+
+def test_execution_ids_and_numbers_of_other_json_types() -> None:
+    """Numeric ids become strings and a named output file is used as the technical name."""
+    data = {**REFERENCE_EXECUTION, "id": 7897897, "organisation_id": 1426, "result": {"output_files": ["part-1", "x"]}}
+    e = Execution.from_api(data)
+    assert (e.id, e.organisation_id, e.technical_name) == ("7897897", "1426", "part-1")
+
+
+def test_execution_with_an_unknown_status_keeps_the_raw_value() -> None:
+    """An unknown status parses to UNKNOWN with the raw value kept for display."""
+    e = Execution.from_api({**REFERENCE_EXECUTION, "status": "QUANTUM"})
+    assert (e.status, e.raw_status, e.is_final, e.is_success) == (ExecutionStatus.UNKNOWN, "QUANTUM", False, False)
+
+
+def test_export_from_the_reference_example() -> None:
+    """The reference's export parses with string ids, type and output format."""
+    data = {
+        "type": "QUERY",
+        "id": "9879",
+        "organisation_id": "1426",
+        "name": "2018-08-29 - Export test segments for Facebook and Adwords",
+        "query_id": "65987",
+        "datamart_id": "1509",
+        "output_format": "JSON",
+    }
+    e = Export.from_api(data)
+    assert e == Export("9879", data["name"], "1426", "65987", "1509", "QUERY", "JSON")
+    assert Export.from_api({"id": 5, "query_id": 7}) == Export("5", "", None, "7", None)
+
+
+@pytest.mark.parametrize(
+    ("items", "first", "size", "total", "more"),
+    [
+        (50, 0, 50, 163, True),
+        (50, 100, 50, 163, True),
+        (13, 150, 50, 163, False),
+        (10, 0, 10, 10, False),  # a full page that is the last one: total says so
+        (0, 0, 10, 0, False),
+        (3, 0, 10, 3, False),
+        (10, 0, 10, None, True),  # no total: a full page may be followed by another
+        (9, 0, 10, None, False),  # no total: a short page is the last
+        (0, 20, 10, None, False),
+    ],
+)
+def test_page_has_more(items: int, first: int, size: int, total: int | None, more: bool) -> None:
+    """A page says whether another follows, from total when the list has one, else from a full page."""
+    page = Page(items=tuple(range(items)), first_result=first, max_results=size, total=total)
+    assert page.has_more is more

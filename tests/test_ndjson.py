@@ -1,0 +1,131 @@
+"""The line checker: counts that do not depend on how the bytes were chunked."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orchestrator.ndjson import MAX_INVALID_LINE_NUMBERS, LineChecker, LineStats
+from orchestrator.workers import validator_pool
+
+LINES = st.lists(
+    st.one_of(
+        st.just(b""),
+        st.just(b"   \r"),
+        st.just(b'{"emails":[{"id":"1"}]}'),
+        st.just(b'{"a":1}\r'),
+        st.just(b"[1,2,3]"),
+        st.just(b"1,2"),  # not one JSON value: invalid
+        st.just(b'{"broken":'),
+        st.just(b'"caf\xc3\xa9"'),
+        st.just(b'"\xff"'),  # not UTF-8: invalid
+        st.binary(max_size=12),
+    ),
+    max_size=60,
+)
+
+
+def reference(data: bytes) -> LineStats:
+    """An obviously-correct recount: split everything at once, parse line by line."""
+    stats = LineStats()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for number, line in enumerate(lines, 1):
+        stats.lines += 1
+        if not line.strip():
+            stats.blank_lines += 1
+            continue
+        try:
+            orjson.loads(line)
+        except orjson.JSONDecodeError:
+            stats.invalid_lines += 1
+            if len(stats.invalid_line_numbers) < MAX_INVALID_LINE_NUMBERS:
+                stats.invalid_line_numbers.append(number)
+    return stats
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    """``data`` cut at the given offsets (sorted, deduplicated, within bounds)."""
+    points = sorted({c % (len(data) + 1) for c in cuts}) if data else []
+    out, last = [], 0
+    for p in [*points, len(data)]:
+        out.append(data[last:p])
+        last = p
+    return out
+
+
+@given(lines=LINES, trailing_newline=st.booleans(), cuts=st.lists(st.integers(min_value=0), max_size=20))
+def test_any_chunking_gives_the_same_counts(lines: list[bytes], trailing_newline: bool, cuts: list[int]) -> None:
+    """Whatever the chunk boundaries, lines, records, blanks and invalid line numbers are the same."""
+    data = b"\n".join(line.replace(b"\n", b"") for line in lines) + (b"\n" if trailing_newline and lines else b"")
+    checker = LineChecker()
+    for chunk in chunked(data, cuts):
+        checker.feed(chunk)
+    assert checker.finish() == reference(data)
+
+
+def test_first_hundred_invalid_line_numbers_are_kept() -> None:
+    """Only the first 100 invalid line numbers are listed, all invalid lines are counted."""
+    data = b"".join(b"{bad\n" if i % 3 == 0 else b"{}\n" for i in range(1000))
+    checker = LineChecker()
+    checker.feed(data)
+    stats = checker.finish()
+    assert stats.invalid_lines == 334
+    assert stats.invalid_line_numbers == [i * 3 + 1 for i in range(100)]
+    assert stats.records == 1000 - 334
+
+
+def test_last_line_without_newline_counts() -> None:
+    """A final line with no newline is still a line (and a record if it parses)."""
+    checker = LineChecker()
+    checker.feed(b'{"a":1}\n{"b"')
+    checker.feed(b":2}")
+    stats = checker.finish()
+    assert (stats.lines, stats.records, stats.invalid_lines) == (2, 2, 0)
+
+
+def test_merge_offsets_line_numbers() -> None:
+    """Merging stats of consecutive batches shifts the second batch's line numbers."""
+    first = LineStats(lines=10, invalid_lines=1, invalid_line_numbers=[4])
+    first.merge(LineStats(lines=5, blank_lines=1, invalid_lines=2, invalid_line_numbers=[1, 5]))
+    assert first == LineStats(lines=15, blank_lines=1, invalid_lines=3, invalid_line_numbers=[4, 11, 15])
+
+
+@pytest.mark.anyio
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=LINES, cuts=st.lists(st.integers(min_value=0), max_size=20))
+async def test_worker_pool_agrees_with_the_inline_checker(lines: list[bytes], cuts: list[int]) -> None:
+    """Batches validated by worker processes merge, in order, to exactly the inline result."""
+    data = b"\n".join(line.replace(b"\n", b"") for line in lines)
+    async with validator_pool(2, slot_bytes=64) as pool:  # tiny slots: oversize batches too
+        checker = pool.checker()
+        for chunk in chunked(data, cuts):
+            await checker.feed(chunk)
+        assert await checker.finish() == reference(data)
+
+
+@pytest.mark.anyio
+async def test_worker_pool_serves_concurrent_downloads_in_order() -> None:
+    """Several downloads sharing the pool each get their own exact counts."""
+    import anyio
+
+    payloads = [b"".join(b"{bad\n" if (i * k) % 7 == 0 else b'{"i":%d}\n' % i for i in range(5000)) for k in (1, 2, 3)]
+    results: dict[int, LineStats] = {}
+    async with validator_pool(2) as pool:
+
+        async def one(k: int) -> None:
+            checker = pool.checker()
+            data = payloads[k]
+            for start in range(0, len(data), 7001):
+                await checker.feed(data[start : start + 7001])
+            results[k] = await checker.finish()
+
+        async with anyio.create_task_group() as tg:
+            for k in range(3):
+                tg.start_soon(one, k)
+        assert pool.batches > 3
+    for k in range(3):
+        assert results[k] == reference(payloads[k])

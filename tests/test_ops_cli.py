@@ -1,0 +1,297 @@
+"""Tests for the ops commands, run as a user runs them: the `mics-export` script in a subprocess.
+
+Each test serves a SimulatorThread on loopback and points the command at it with
+MICS_API_URL and MICS_API_TOKEN. Outputs are checked as a user or a script would read them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import requests
+from conftest import ORG, TOKEN, fast_spec, sim_config
+
+from orchestrator.simulator import Faults, SimulatorThread
+
+SCRIPT = shutil.which("mics-export", path=str(Path(sys.executable).parent))
+COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "orchestrator"]
+
+
+def cli(
+    sim: SimulatorThread | None, *args: str, token: str | None = TOKEN, **env_extra: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `mics-export ARGS` against the simulator; the token never shows in its output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MICS_")}
+    if sim is not None:
+        env["MICS_API_URL"] = sim.url
+    if token is not None:
+        env["MICS_API_TOKEN"] = token
+    env.update(env_extra)
+    done = subprocess.run([*COMMAND, *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert TOKEN not in done.stdout and TOKEN not in done.stderr
+    return done
+
+
+def api(sim: SimulatorThread, method: str, path: str, **kw: Any) -> Any:
+    """A direct request to the simulator, to set up a scene."""
+    resp = requests.request(method, sim.url + path, headers={"Authorization": sim.token}, timeout=10, **kw)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def new_execution(sim: SimulatorThread, export_id: str) -> str:
+    execution_id: str = api(sim, "POST", f"/v1/exports/{export_id}/executions", json={})["data"]["id"]
+    return execution_id
+
+
+def wait_succeeded(sim: SimulatorThread, export_id: str, execution_id: str, timeout_s: float = 10.0) -> None:
+    """Poll the executions list until this one is SUCCEEDED (fail at the deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        items = api(sim, "GET", f"/v1/exports/{export_id}/executions", params={"max_results": 100})["data"]
+        status = next(e["status"] for e in items if e["id"] == execution_id)
+        if status == "SUCCEEDED":
+            return
+        assert status in ("PENDING", "RUNNING"), status
+        time.sleep(0.01)
+    pytest.fail(f"execution {execution_id} did not succeed within {timeout_s}s")
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatorThread]:
+    """57 exports in organisation 1426 (more than a 50-export page) and 2 elsewhere."""
+    mine = [fast_spec(str(5000 + i), name=f"segment-{i}") for i in range(57)]
+    theirs = [fast_spec("7001", organisation_id="99"), fast_spec("7002", organisation_id="99")]
+    with SimulatorThread(sim_config(*mine, *theirs)) as thread:
+        yield thread
+
+
+# -- exports ------------------------------------------------------------------------------------
+def test_exports_list_shows_every_export_across_pages(sim: SimulatorThread) -> None:
+    """`exports list` prints all 57 exports of the organisation (two API pages), and only theirs."""
+    done = cli(sim, "exports", "list", "--organisation-id", ORG)
+    assert done.returncode == 0, done.stderr
+    ids = re.findall(r"\b(\d{4})\b", done.stdout)
+    shown = [i for i in ids if i.startswith(("50", "70"))]
+    assert shown == [str(5000 + i) for i in range(57)]
+    assert "57 export(s)" in done.stdout
+    assert "segment-56" in done.stdout
+    assert sim.stats.requests["exports.list"] == 2
+
+
+def test_exports_list_json(sim: SimulatorThread) -> None:
+    """`exports list --json` prints machine-readable JSON with every export's id, name and query id."""
+    done = cli(sim, "exports", "list", "--organisation-id", ORG, "--json")
+    assert done.returncode == 0, done.stderr
+    items = orjson.loads(done.stdout)
+    assert [e["id"] for e in items] == [str(5000 + i) for i in range(57)]
+    assert items[7] == {"id": "5007", "name": "segment-7", "query_id": "65987", "datamart_id": "1509"}
+
+
+def test_exports_show(sim: SimulatorThread) -> None:
+    """`exports show ID` prints the export's definition, as a table or as JSON."""
+    done = cli(sim, "exports", "show", "5003", "--organisation-id", ORG, "--json")
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout) == {
+        "id": "5003",
+        "name": "segment-3",
+        "organisation_id": ORG,
+        "query_id": "65987",
+        "datamart_id": "1509",
+        "type": "QUERY",
+        "output_format": "JSON",
+    }
+    text = cli(sim, "exports", "show", "5003", "--organisation-id", ORG)
+    assert text.returncode == 0, text.stderr
+    assert "segment-3" in text.stdout and "65987" in text.stdout
+
+
+def test_unknown_export_is_a_404_error(sim: SimulatorThread) -> None:
+    """`exports show` of an unknown export exits 1 with the API's 404 message and error_id, no traceback."""
+    done = cli(sim, "exports", "show", "424242", "--organisation-id", ORG)
+    assert done.returncode == 1
+    line = one_line(done.stderr)
+    assert "404" in line and "Resource Not Found" in line and "error_id" in line
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+# -- executions ---------------------------------------------------------------------------------
+def test_executions_list_limit_newest_first(sim: SimulatorThread) -> None:
+    """`executions list ID --limit N` prints exactly the N newest executions, newest first; 10 by default."""
+    created = [new_execution(sim, "5000") for _ in range(13)]
+    newest_first = list(reversed(created))
+    done = cli(sim, "executions", "list", "5000", "--limit", "12", "--json")
+    assert done.returncode == 0, done.stderr
+    assert [e["id"] for e in orjson.loads(done.stdout)] == newest_first[:12]
+    default = cli(sim, "executions", "list", "5000", "--json")
+    assert [e["id"] for e in orjson.loads(default.stdout)] == newest_first[:10]
+    text = cli(sim, "executions", "list", "5000", "--limit", "3")
+    assert text.returncode == 0, text.stderr
+    assert [i for i in re.findall(r"\b(8798\d+)\b", text.stdout)] == newest_first[:3]
+    assert "newest 3 execution(s)" in text.stdout
+
+
+def test_executions_list_pages_when_the_limit_needs_it(sim: SimulatorThread) -> None:
+    """A limit beyond one API page (100) is met by paging, still newest first and exactly N."""
+    with requests.Session() as http:
+        http.headers["Authorization"] = sim.token
+        created = [
+            http.post(f"{sim.url}/v1/exports/5001/executions", json={}, timeout=10).json()["data"]["id"]
+            for _ in range(105)
+        ]
+    done = cli(sim, "executions", "list", "5001", "--limit", "103", "--json")
+    assert done.returncode == 0, done.stderr
+    assert [e["id"] for e in orjson.loads(done.stdout)] == list(reversed(created))[:103]
+    assert sim.stats.list_requests["5001"] == 2
+
+
+def test_executions_list_of_an_export_without_executions(sim: SimulatorThread) -> None:
+    """An export never run lists no executions, successfully."""
+    done = cli(sim, "executions", "list", "5002", "--json")
+    assert (done.returncode, orjson.loads(done.stdout)) == (0, [])
+
+
+# -- download -----------------------------------------------------------------------------------
+def test_download_writes_a_byte_exact_file_and_no_temp_file(tmp_path: Path) -> None:
+    """`download EXPORT EXEC -o FILE` writes exactly the result, reports its sha256, and leaves no temporary file."""
+    spec = fast_spec("9879", size_bytes=2_500_000, shape="user", invalid_every=1000)
+    with SimulatorThread(sim_config(spec)) as sim:
+        execution_id = new_execution(sim, "9879")
+        wait_succeeded(sim, "9879", execution_id)
+        out = tmp_path / "result.ndjson"
+        done = cli(sim, "download", "9879", execution_id, "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    expected = spec.result()
+    assert out.read_bytes() == expected.read_all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.ndjson"]
+    assert expected.sha256() in done.stdout
+    assert f"{expected.size} bytes" in done.stdout
+    assert f"{expected.invalid_lines} invalid lines" in done.stdout
+
+
+def test_download_survives_cut_connections(tmp_path: Path) -> None:
+    """A download whose connection is cut resumes and still writes a byte-exact file (JSON summary)."""
+    spec = fast_spec("9879", size_bytes=600_000)
+    faults = Faults(reset_after_bytes=100_000, reset_first_k=1, retry_after_s=0.01)
+    with SimulatorThread(sim_config(spec, faults=faults, chunk_bytes=32_768)) as sim:
+        execution_id = new_execution(sim, "9879")
+        wait_succeeded(sim, "9879", execution_id)
+        out = tmp_path / "cut.ndjson"
+        done = cli(sim, "download", "9879", execution_id, "-o", str(out), "--json")
+        assert sim.stats.faults["reset"] == 1
+        assert sim.stats.range_starts == [(execution_id, 100_000)]
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == spec.result().read_all()
+    summary = orjson.loads(done.stdout)
+    assert summary["sha256"] == spec.result().sha256()
+    assert summary["bytes"] == spec.result().size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.ndjson"]
+
+
+def test_download_of_unknown_execution_fails_and_writes_nothing(sim: SimulatorThread, tmp_path: Path) -> None:
+    """Downloading an execution that does not exist exits 1 with the 404 and leaves no file behind."""
+    out = tmp_path / "nothing.ndjson"
+    done = cli(sim, "download", "5000", "424242", "-o", str(out))
+    assert done.returncode == 1
+    assert "404" in one_line(done.stderr)
+    assert not out.exists()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == []
+
+
+# -- tokens and URLs ----------------------------------------------------------------------------
+@pytest.mark.parametrize("token", [None, "", "   "])
+def test_missing_token_exits_2_without_any_request(sim: SimulatorThread, token: str | None) -> None:
+    """Without MICS_API_TOKEN an ops command exits 2 with one line naming the variable, and sends nothing."""
+    for args in (("exports", "list", "--organisation-id", ORG), ("executions", "list", "5000")):
+        done = cli(sim, *args, token=token)
+        assert done.returncode == 2
+        assert "MICS_API_TOKEN" in one_line(done.stderr)
+        assert done.stdout == ""
+    assert sim.stats.total_requests == 0
+
+
+def test_wrong_token_exits_1_with_a_clear_message(sim: SimulatorThread) -> None:
+    """A refused token exits 1 with one line that says HTTP 401 and blames the token; no traceback."""
+    done = cli(sim, "exports", "list", "--organisation-id", ORG, token="not-the-token")
+    assert done.returncode == 1
+    line = one_line(done.stderr)
+    assert "401" in line and "token" in line.lower()
+    assert "Traceback" not in done.stderr
+    assert "not-the-token" not in done.stderr
+    assert sim.stats.total_requests == 1
+
+
+def test_api_url_option_overrides_the_environment(sim: SimulatorThread) -> None:
+    """--api-url wins over MICS_API_URL."""
+    done = cli(
+        None,
+        "exports",
+        "show",
+        "5000",
+        "--organisation-id",
+        ORG,
+        "--api-url",
+        sim.url,
+        MICS_API_URL="http://127.0.0.1:9",
+    )
+    assert done.returncode == 0, done.stderr
+    assert sim.stats.requests["exports.get"] == 1
+
+
+# -- simulate -----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_simulate_serves_the_demo_platform() -> None:
+    """`mics-export simulate --port P` serves the API on that port with the demo exports until stopped."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MICS_")}
+    proc = subprocess.Popen(
+        [*COMMAND, "simulate", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/v1/exports"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                resp = requests.get(
+                    url, params={"organisation_id": ORG}, headers={"Authorization": "sim-token"}, timeout=5
+                )
+                break
+            except requests.ConnectionError:
+                assert proc.poll() is None, proc.communicate()[1]
+                if time.monotonic() > deadline:
+                    pytest.fail("the simulator did not start listening within 30 s")
+                time.sleep(0.05)
+        assert resp.status_code == 200
+        body = resp.json()
+        assert body["status"] == "ok"
+        assert {"9879", "9872"} <= {e["id"] for e in body["data"]}
+        assert requests.get(url, params={"organisation_id": ORG}, timeout=5).status_code == 401
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+    assert f"simulator listening on http://127.0.0.1:{port}" in stderr
