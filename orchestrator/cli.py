@@ -99,7 +99,7 @@ def cli() -> None:
     "--workers",
     type=click.IntRange(min=0),
     default=None,
-    help="Validation worker processes (0: in-process).",
+    help="Processes that validate lines [default: the CPUs available; 0: on the event loop].",
 )
 @click.option(
     "--metrics-pushgateway",
