@@ -114,9 +114,11 @@ class ProgressView:
         )
         return Group(table, bar)
 
-    def summary(self) -> None:
-        """Print the end-of-run table."""
+    def summary(self, where: str = "") -> None:
+        """Print the end-of-run table (``where``: the manifest's path, shown under it)."""
         print_summary(self.manifest, self.names, self.console)
+        if where:
+            self.console.print(f"results and manifest: {where}")
 
 
 def print_summary(manifest: Manifest, names: Iterable[str], console: Console) -> None:

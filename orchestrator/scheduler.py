@@ -659,7 +659,7 @@ async def _main(plan: _Plan) -> int:
             runner.writer.save_now()
             if view is not None:
                 view.__exit__(None, None, None)
-                view.summary()
+                view.summary(str(output_dir / MANIFEST_NAME))
         _report(manifest, jobs)
         await _push_metrics(options.metrics_pushgateway, manifest, plan.shard)
     if received:
