@@ -16,11 +16,13 @@ from collections.abc import Iterator
 from copy import deepcopy
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from support import TOKEN, cli_env, run_cli, write_jobs
 
 from orchestrator.metrics import (
     JOB_STATUSES,
@@ -32,6 +34,7 @@ from orchestrator.metrics import (
     push_run_metrics,
     shard_grouping_key,
 )
+from orchestrator.simulator import ExportSpec, SimulatorConfig, SimulatorThread
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -485,3 +488,23 @@ def test_status_lists_match_the_manifest_model() -> None:
     model = pytest.importorskip("orchestrator.manifest")
     assert set(JOB_STATUSES) == {status.value for status in model.JobStatus}
     assert set(RUN_STATUSES) == {status.value for status in model.RunStatus}
+
+
+# --- the whole run ---------------------------------------------------------------------------
+
+
+def test_run_pushes_its_metrics_at_the_end(gateway: FakeGateway, tmp_path: Path) -> None:
+    """`mics-export run` in an Indexed Job pod pushes the run's real figures to its shard's group."""
+    specs = [ExportSpec(str(i), size_bytes=5000 * i, pending_s=0.01, running_s=0.02) for i in (1, 2, 3)]
+    with SimulatorThread(SimulatorConfig(token=TOKEN, exports=tuple(specs))) as sim:
+        path = write_jobs(tmp_path, [{"name": f"j{s.id}", "export_id": s.id} for s in specs])
+        env = cli_env(sim.url, JOB_COMPLETION_INDEX="0", MICS_SHARD_COUNT="1", MICS_METRICS_PUSHGATEWAY=gateway.url)
+        proc = run_cli("run", str(path), env=env)
+    assert proc.returncode == 0, proc.stderr
+    [request] = gateway.requests
+    assert (request.method, request.path) == ("PUT", "/metrics/job/mics-export/shard/0")
+    samples = samples_of(request.body)
+    assert value(samples, "mics_export_run_status", status="SUCCEEDED") == 1
+    for spec in specs:
+        assert value(samples, "mics_export_job_bytes", job_name=f"j{spec.id}") == spec.result().size
+        assert value(samples, "mics_export_job_records", job_name=f"j{spec.id}") == spec.result().records
