@@ -9,8 +9,8 @@ Naming and reuse rules (also in the README):
 - the export the tool owns for job NAME is the organisation's export named
   ``api.query_export_prefix + NAME`` (default prefix ``mics-export:``);
 - none: check the query, create it, create the export;
-- one whose query text equals the job's: reused as is;
-- one whose query text differs: the new text is checked, a new query is created and the
+- one whose query (datamart and text) equals the job's: reused as is;
+- one whose query differs, or is gone (404): the job's text is checked, a new query is created and the
   export is pointed at it (PUT). The old query is left alone: earlier executions refer
   to it, and deleting platform objects is not this tool's business.
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 from orchestrator.api import ApiClient
 from orchestrator.config import Job
-from orchestrator.errors import ApiError, JobError
+from orchestrator.errors import ApiError, JobError, NotFoundError
 from orchestrator.models import Export
 
 
@@ -57,17 +57,22 @@ async def ensure_query_export(
         log.warning("%d exports are named %r: using the oldest, %s", len(mine), name, mine[0].id)
     if mine:
         export = mine[0]
-        current = None
+        current: tuple[str, str] | None = None
         if export.query_id:
             datamart = export.datamart_id or query.datamart_id
-            current = (await api.get_query(datamart, export.query_id)).get("query_text")
-        if current == query.text:
+            try:
+                found = await api.get_query(datamart, export.query_id)
+            except NotFoundError:
+                found = None  # the query is gone: the export gets a new one
+            if found is not None:
+                current = (str(found.get("datamart_id") or datamart), found.get("query_text") or "")
+        if current == (query.datamart_id, query.text):
             return export
         await _check(api, query.datamart_id, query.text)
         query_id = await api.create_query(query.datamart_id, query.text)
         export = await api.update_export(export, query_id=query_id)
         log.info(
-            "query text changed: export %s now uses new query %s",
+            "query changed: export %s now uses new query %s",
             export.id,
             query_id,
             extra={"event": "query_updated", "query_id": query_id},

@@ -142,27 +142,23 @@ class Runner:
         return RunStatus.SUCCEEDED if ok else RunStatus.FAILED
 
     async def _job(self, job: Job) -> None:
-        rec = self.manifest.jobs[job.name]
-        jl = JobLog(log, {"job": job.name, "export_id": rec.export_id, "execution_id": rec.execution_id})
-        if await self._already_done(job, rec):
-            jl.info(
-                "already complete in this folder (sha256 verified): skipped",
-                extra={"event": "job_skipped"},
-            )
-            return
+        jl = JobLog(log, {"job": job.name, "export_id": job.export_id, "execution_id": None})
         async with self.limiter:
-            rec.started_at = rec.started_at or now_iso()
-            rec.finished_at = None
-            rec.error = None
+            rec = self.manifest.jobs[job.name]
             try:
+                rec = await self._prepare(job, jl)
+                if await self._already_done(job, rec):
+                    jl.info(
+                        "already complete in this folder (sha256 verified): skipped", extra={"event": "job_skipped"}
+                    )
+                    return
+                rec.started_at = rec.started_at or now_iso()
+                rec.finished_at = None
+                rec.error = None
                 await self._attempts(job, rec, jl)
             except JobError as exc:
-                self._fail(
-                    rec,
-                    jl,
-                    JobStatus.TIMED_OUT if isinstance(exc, ExecutionTimeoutError) else JobStatus.FAILED,
-                    str(exc),
-                )
+                status = JobStatus.TIMED_OUT if isinstance(exc, ExecutionTimeoutError) else JobStatus.FAILED
+                self._fail(rec, jl, status, str(exc))
             except AuthError as exc:
                 # Every other job would get the same answer: stop the run, say why once.
                 self._fail(rec, jl, JobStatus.FAILED, str(exc))
@@ -173,6 +169,23 @@ class Runner:
             if rec.status.is_final:
                 rec.finished_at = now_iso()
                 await self.writer.save()
+
+    async def _prepare(self, job: Job, jl: JobLog) -> JobRecord:
+        """The job's record, its export resolved; an earlier run's state is dropped if it was
+        for another export or query (the job file changed), so nothing stale is adopted or kept."""
+        rec = self.manifest.jobs[job.name]
+        export_id, query_id = job.export_id, None
+        if job.query is not None:
+            from orchestrator.queries import ensure_query_export
+
+            export = await ensure_query_export(self.api, job, self.query_prefix, jl)
+            export_id, query_id = export.id, export.query_id
+        if (rec.export_id or export_id) != export_id or (rec.query_id or query_id) != query_id:
+            jl.info("the job now points at export %s (query %s): starting afresh", export_id, query_id)
+            rec = self.manifest.jobs[job.name] = JobRecord(name=job.name, attempts=rec.attempts)
+        rec.export_id, rec.query_id = export_id, query_id
+        jl.extra = {**(jl.extra or {}), "export_id": export_id, "execution_id": rec.execution_id}
+        return rec
 
     def _fail(self, rec: JobRecord, jl: JobLog, status: JobStatus, message: str) -> None:
         rec.status, rec.error = status, message
@@ -194,9 +207,8 @@ class Runner:
         return digest == rec.sha256
 
     async def _attempts(self, job: Job, rec: JobRecord, jl: JobLog) -> None:
-        export_id = job.export_id or await self._query_export(job, rec, jl)
-        rec.export_id = export_id
-        jl.extra = {**(jl.extra or {}), "export_id": export_id}
+        export_id = rec.export_id
+        assert export_id is not None
         # An interrupted earlier run keeps its retry budget; a finished, failed one gets a fresh one.
         budget_start = rec.attempts if rec.status.is_final else 0
         adopt = (rec.execution_id is not None and not rec.status.is_final) or rec.status is JobStatus.SUCCEEDED
@@ -398,7 +410,6 @@ class Runner:
         rec.bytes, rec.records, rec.sha256 = result.bytes, result.records, result.sha256
         rec.invalid_lines = result.stats.invalid_lines
         rec.invalid_line_numbers = list(result.stats.invalid_line_numbers)
-        rec.finished_at = now_iso()
         await self.writer.save()
         jl.info(
             "SUCCEEDED: %d records, %d bytes in %.1fs (%.1f MB/s)%s",
@@ -462,13 +473,6 @@ class Runner:
             except MicsExportError as exc:
                 jl.info("could not cancel execution %s: %s", execution_id, exc)
 
-    async def _query_export(self, job: Job, rec: JobRecord, jl: JobLog) -> str:
-        from orchestrator.queries import ensure_query_export
-
-        export = await ensure_query_export(self.api, job, self.query_prefix, jl)
-        rec.query_id = export.query_id
-        return export.id
-
 
 def poll_waits(initial_s: float, max_s: float) -> Generator[float, Any, None]:
     """Seconds to wait before each poll (a ``backoff`` wait generator).
@@ -476,9 +480,9 @@ def poll_waits(initial_s: float, max_s: float) -> Generator[float, Any, None]:
     The n-th wait is ``uniform(0, min(max_s, initial_s * 2 ** n))`` (full jitter). Once
     the execution reports progress, the wait is at least its estimated time to finish
     (times ``uniform(1, 1.1)``, to land just after it) or, when that is beyond ``max_s``,
-    ``max_s`` times ``uniform(0.9, 1)``: a 5-minute execution then costs ~9 polls, not ~15. The estimate comes from how fast
-    ``completed_tasks`` moved between two polls, on this machine's monotonic clock, so
-    the platform's clock does not matter.
+    ``max_s`` times ``uniform(0.9, 1)``: a 5-minute execution then costs ~9 polls, not ~15.
+    The estimate comes from how fast ``completed_tasks`` moved between two polls, on this
+    machine's monotonic clock, so the platform's clock does not matter.
     """
     n = 0
     last: tuple[float, int] | None = None

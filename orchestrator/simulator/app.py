@@ -376,6 +376,7 @@ def create_app(config: SimulatorConfig) -> web.Application:
             if str(body["query_id"]) not in state.queries:
                 raise _BadRequest(f"query {body['query_id']} does not exist")
             changes["query_id"] = str(body["query_id"])
+            changes["datamart_id"] = state.queries[changes["query_id"]]["datamart_id"]
         spec = state.exports[spec.id] = replace(spec, **changes)
         state.stats.exports_updated += 1
         return _ok(_export_json(spec))
