@@ -20,17 +20,11 @@ import orjson
 
 from orchestrator._version import __version__
 from orchestrator.api import DEFAULT_BASE_URL, ApiClient
-from orchestrator.errors import MicsExportError, MissingTokenError, UsageError, single_error
+from orchestrator.config import read_token
+from orchestrator.errors import MicsExportError, UsageError, single_error
 
 T = TypeVar("T")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _token(variable: str = "MICS_API_TOKEN") -> str:
-    token = os.environ.get(variable, "").strip()
-    if not token:
-        raise MissingTokenError(variable)
-    return token
 
 
 def _api_url(option: str | None) -> str:
@@ -39,7 +33,7 @@ def _api_url(option: str | None) -> str:
 
 def _ops(api_url: str | None, body: Callable[[ApiClient], Awaitable[T]]) -> T:
     """Run an ops command's coroutine with a client (token checked before any request)."""
-    token = _token()
+    token = read_token()
     from orchestrator.logs import setup_logging
 
     setup_logging("text", 0, secrets=[token], quiet=True)
@@ -157,7 +151,7 @@ def validate(jobs_file: Path, check_queries: bool) -> int:
     if check_queries and query_jobs:
         from orchestrator.queries import check_queries as check
 
-        token = _token(job_file.api.token_env)
+        token = read_token(job_file.api.token_env)
         base = os.environ.get("MICS_API_URL") or job_file.api.base_url
         failures = anyio.run(check, base, token, query_jobs)
         for name, message in failures:

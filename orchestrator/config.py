@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, MissingTokenError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -235,6 +235,14 @@ def parse_job_file(data: Any, file: str = "<job file>") -> JobFile:
     return job_file
 
 
+def read_token(variable: str = "MICS_API_TOKEN") -> str:
+    """The API token from the environment variable ``variable``; MissingTokenError if unset."""
+    token = os.environ.get(variable, "").strip()
+    if not token:
+        raise MissingTokenError(variable)
+    return token
+
+
 def load_job_file(path: str | os.PathLike[str]) -> JobFile:
     """Read and validate a job file. Raises ConfigError with one line on any problem."""
     file = str(path)
@@ -260,8 +268,10 @@ __all__ = [
     "JobFile",
     "Poll",
     "Query",
+    "Retries",
     "RunSettings",
     "Settings",
     "load_job_file",
     "parse_job_file",
+    "read_token",
 ]

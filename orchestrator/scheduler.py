@@ -33,7 +33,7 @@ import anyio
 import backoff
 
 from orchestrator.api import ApiClient, RetryPolicy
-from orchestrator.config import Job, JobFile, load_job_file
+from orchestrator.config import Job, JobFile, load_job_file, read_token
 from orchestrator.download import download, output_name, sha256_of_file
 from orchestrator.errors import (
     ApiError,
@@ -123,6 +123,10 @@ class Runner:
         for job in jobs:
             old = previous.jobs.get(job.name) if previous else None
             manifest.jobs[job.name] = old if old is not None else JobRecord(name=job.name, export_id=job.export_id)
+        # Jobs left out of this run (--only, a smaller job file) keep their earlier records:
+        # they are what a later full rerun needs to skip or adopt instead of starting over.
+        for name, old in (previous.jobs if previous else {}).items():
+            manifest.jobs.setdefault(name, old)
 
     # -- the run -------------------------------------------------------------------------
     async def run(self) -> RunStatus:
@@ -543,9 +547,7 @@ def execute(options: RunOptions) -> int:
     jobs, shard = _select(job_file, options)
     token = None
     if not options.simulate:
-        from orchestrator.cli import _token
-
-        token = _token(job_file.api.token_env)
+        token = read_token(job_file.api.token_env)
     base_url = os.environ.get("MICS_API_URL") or job_file.api.base_url
     output_dir = job_file.output_dir(options.output_dir)
     try:

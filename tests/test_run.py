@@ -251,3 +251,20 @@ def test_validate_accepts_the_example_and_rejects_a_bad_file(tmp_path: Path) -> 
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "job 'x'" in proc.stderr and "colour" in proc.stderr
+
+
+def test_partial_rerun_keeps_the_other_jobs_records(tmp_path: Path) -> None:
+    """A run with --only into the same folder keeps the other jobs' records, so a later full run still skips them."""
+    a = ExportSpec("1", size_bytes=3000, pending_s=0.01, running_s=0.02)
+    b = ExportSpec("2", size_bytes=3000, pending_s=0.01, running_s=0.02, seed=2)
+    with _sim(a, b) as sim:
+        path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}, {"name": "b", "export_id": "2"}])
+        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        (tmp_path / "out" / "a.ndjson").unlink()
+        assert run_cli("run", str(path), "--only", "a", env=cli_env(sim.url)).returncode == 0
+        assert set(jobs_by_name(manifest(tmp_path / "out"))) == {"a", "b"}
+        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        downloads = sum(sim.stats.downloads_completed.values())
+    assert downloads == 3  # a twice (its file was deleted), b once
+    assert_exact(tmp_path / "out", "a", a)
+    assert_exact(tmp_path / "out", "b", b)
