@@ -93,6 +93,10 @@ class _Secret:
     def reveal(self) -> str:
         return self._value
 
+    def scrub(self, text: object) -> str | None:
+        """``text`` as a string with the secret replaced by ``***`` (None stays None)."""
+        return None if text is None else str(text).replace(self._value, "***")
+
     def __repr__(self) -> str:
         return "<token redacted>"
 
@@ -114,10 +118,12 @@ class Throttle:
         recovery_step: float = 0.25,
         base_pause_s: float = 0.5,
         max_pause_s: float = 30.0,
+        max_retry_after_s: float = 300.0,
     ) -> None:
         self.max_in_flight = max_in_flight
         self.base_pause_s = base_pause_s
         self.max_pause_s = max_pause_s
+        self.max_retry_after_s = max_retry_after_s
         self.limit = float(max_in_flight)
         self.recovery_step = recovery_step
         self.in_flight = 0
@@ -159,7 +165,7 @@ class Throttle:
         self.throttled += 1
         self._consecutive += 1
         if retry_after_s is not None:
-            pause = retry_after_s
+            pause = min(retry_after_s, self.max_retry_after_s)
         else:
             pause = min(self.max_pause_s, self.base_pause_s * 2 ** (self._consecutive - 1))
         self.pause_until = max(self.pause_until, time.monotonic() + pause)
@@ -189,14 +195,19 @@ def _parse_retry_after(value: str | None) -> float | None:
             return None
 
 
-def _error_from(status: int, body: bytes, method: str, path: str, retry_after: str | None) -> ApiError:
-    """The ApiError for an error answer, from its envelope when it has one."""
+def _error_from(status: int, body: bytes, method: str, path: str, retry_after: str | None, secret: _Secret) -> ApiError:
+    """The ApiError for an error answer, from its envelope when it has one.
+
+    The answer's text is the server's, so it is scrubbed of the token: a gateway that
+    echoes the Authorization header must not put it in a manifest or an error line.
+    """
     error = error_id = None
     with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
         env = orjson.loads(body)
         error, error_id = env.get("error"), env.get("error_id")
     if error is None:
         error = body[:200].decode("utf-8", "replace").strip() or None
+    error, error_id = secret.scrub(error), secret.scrub(error_id)
     kw: dict[str, Any] = {"method": method, "path": path}
     if status in (401, 403):
         return AuthError(status, error, error_id, **kw)
@@ -227,7 +238,10 @@ class ApiClient:
         self.retry = retry or RetryPolicy()
         self.max_connections = max_connections
         self.throttle = Throttle(
-            max_requests_in_flight, base_pause_s=self.retry.base_s, max_pause_s=self.retry.max_wait_s
+            max_requests_in_flight,
+            base_pause_s=self.retry.base_s,
+            max_pause_s=self.retry.max_wait_s,
+            max_retry_after_s=self.retry.max_retry_after_s,
         )
         # The files compress ~4× but inflating costs ~2.6 CPU-s/GB on the event loop
         # (PERF-NOTES): ask for identity unless the link is slower than ~100 MB/s.
@@ -349,7 +363,7 @@ class ApiClient:
         if status == 429:
             self.throttle.on_throttled(_parse_retry_after(retry_after))
         if status >= 400:
-            raise _error_from(status, raw, method, path, retry_after)
+            raise _error_from(status, raw, method, path, retry_after, self._token)
         self.throttle.on_success()
         try:
             envelope = orjson.loads(raw)
@@ -598,7 +612,7 @@ class ApiClient:
             except (TimeoutError, aiohttp.ClientError):
                 raw = b""
             resp.release()
-            raise _error_from(resp.status, raw, "GET", path, resp.headers.get("Retry-After"))
+            raise _error_from(resp.status, raw, "GET", path, resp.headers.get("Retry-After"), self._token)
         self.throttle.on_success()
         if resp.status == 206:
             served_from = resp.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")[0]

@@ -20,7 +20,7 @@ import orjson
 
 from orchestrator._version import __version__
 from orchestrator.api import DEFAULT_BASE_URL, ApiClient
-from orchestrator.config import read_token
+from orchestrator.config import check_base_url, read_token
 from orchestrator.errors import MicsExportError, UsageError, single_error
 
 T = TypeVar("T")
@@ -28,7 +28,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _api_url(option: str | None) -> str:
-    return option or os.environ.get("MICS_API_URL") or DEFAULT_BASE_URL
+    if option:
+        return check_base_url(option, "--api-url")
+    if os.environ.get("MICS_API_URL"):
+        return check_base_url(os.environ["MICS_API_URL"], "MICS_API_URL")
+    return DEFAULT_BASE_URL
 
 
 def _ops(api_url: str | None, body: Callable[[ApiClient], Awaitable[T]]) -> T:
@@ -152,7 +156,7 @@ def validate(jobs_file: Path, check_queries: bool) -> int:
         from orchestrator.queries import check_queries as check
 
         token = read_token(job_file.api.token_env)
-        base = os.environ.get("MICS_API_URL") or job_file.api.base_url
+        base = job_file.base_url()
         failures = anyio.run(check, base, token, query_jobs)
         for name, message in failures:
             click.echo(f"{jobs_file}: job {name!r}: query: {message}", err=True)

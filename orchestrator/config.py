@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -29,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator.errors import ConfigError, MissingTokenError
+from orchestrator.errors import ConfigError, MissingTokenError, UsageError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -158,6 +159,12 @@ class JobFile(_Strict):
         date = (today or dt.datetime.now(dt.UTC).date()).isoformat()
         return Path(template.replace("{date}", date))
 
+    def base_url(self) -> str:
+        """The API URL of the run: ``MICS_API_URL`` if set, else ``api.base_url``; checked."""
+        if os.environ.get("MICS_API_URL"):
+            return check_base_url(os.environ["MICS_API_URL"], "MICS_API_URL")
+        return check_base_url(self.api.base_url, f"{self.path}: api.base_url")
+
     def select(self, only: tuple[str, ...] = ()) -> tuple[Job, ...]:
         """The jobs named in ``only`` (all when empty); unknown names are an error."""
         if not only:
@@ -240,7 +247,17 @@ def read_token(variable: str = "MICS_API_TOKEN") -> str:
     token = os.environ.get(variable, "").strip()
     if not token:
         raise MissingTokenError(variable)
+    if any(c in token for c in "\r\n\0"):
+        raise UsageError(f"the API token in {variable} contains a line break: check how it was set")
     return token
+
+
+def check_base_url(url: str, source: str = "the API URL") -> str:
+    """``url`` if it is an http(s) URL with a host; otherwise a one-line UsageError."""
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UsageError(f"{source} {url!r} is not an http(s) URL with a host, e.g. https://api.mediarithmics.com")
+    return url.rstrip("/")
 
 
 def load_job_file(path: str | os.PathLike[str]) -> JobFile:
@@ -271,6 +288,7 @@ __all__ = [
     "Retries",
     "RunSettings",
     "Settings",
+    "check_base_url",
     "load_job_file",
     "parse_job_file",
     "read_token",

@@ -100,7 +100,7 @@ async def _read_back(part: Path, checker: LineChecker, digest: Any) -> int:
                 size += len(block)
         return size
 
-    return await anyio.to_thread.run_sync(read)
+    return await anyio.to_thread.run_sync(read, abandon_on_cancel=True)
 
 
 class Checker(Protocol):
@@ -176,18 +176,21 @@ class _FileWriter:
         try:
             self._queue.put_nowait(chunk)
         except queue.Full:
-            await anyio.to_thread.run_sync(self._queue.put, chunk)
+            await anyio.to_thread.run_sync(self._queue.put, chunk, abandon_on_cancel=True)
 
     async def close(self) -> None:
         """Write what is queued, flush, fsync; raise the thread's error if it had one."""
-        await anyio.to_thread.run_sync(self._queue.put, _STOP)
-        await anyio.to_thread.run_sync(self._thread.join)
+        # abandon_on_cancel: a signal must not wait for an fsync of gigabytes; abort() and
+        # the unlink that follow a cancellation make the abandoned work harmless.
+        await anyio.to_thread.run_sync(self._queue.put, _STOP, abandon_on_cancel=True)
+        await anyio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
         self._raise()
 
     def abort(self) -> None:
         """Stop writing at once (the caller removes the file)."""
         self._aborted = True
-        self._queue.put(_STOP)  # the thread drains the queue, so this never waits long
+        with contextlib.suppress(queue.Full):  # the thread drains the queue and stops on _STOP
+            self._queue.put(_STOP, timeout=1)
 
 
 async def download(
@@ -215,7 +218,8 @@ async def download(
     """
     part = part_path(dest, tag)
     for stale in dest.parent.glob(f".{dest.name}.*.part"):
-        if stale != part:  # left by a killed run for another execution of this job
+        tag_of_stale = stale.name[len(dest.name) + 2 : -len(".part")]
+        if stale != part and "." not in tag_of_stale:  # a killed run's, for another execution
             stale.unlink(missing_ok=True)
     digest = hashlib.sha256()
     inline = LineChecker()

@@ -13,6 +13,7 @@ mean thousands of fsyncs of a growing file.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import uuid
 from dataclasses import dataclass, field, fields
@@ -26,6 +27,7 @@ import orjson
 from orchestrator.download import fsync_dir
 
 MANIFEST_NAME = "manifest.json"
+log = logging.getLogger("orchestrator.manifest")
 
 
 class RunStatus(StrEnum):
@@ -176,6 +178,7 @@ class ManifestWriter:
         self._lock = anyio.Lock()
         self._changes = 0
         self._written = 0
+        self._reported: set[str] = set()
 
     async def save(self) -> None:
         """Persist the manifest as it is now (or later: a later write includes this change)."""
@@ -186,7 +189,15 @@ class ManifestWriter:
                 return  # someone else's write already covered this change
             covered = self._changes
             data = self.manifest.to_bytes()
-            await anyio.to_thread.run_sync(write_atomic, self.path, data)
+            try:
+                await anyio.to_thread.run_sync(write_atomic, self.path, data)
+            except OSError as exc:
+                # Losing the resume state is bad; stopping every job for it is worse. Say it
+                # loudly (once per kind of error) and keep going: a later write may succeed.
+                if str(exc) not in self._reported:
+                    self._reported.add(str(exc))
+                    log.error("cannot write %s: %s", self.path, exc, extra={"event": "manifest_failed"})
+                return
             self._written = covered
             self.writes += 1
 

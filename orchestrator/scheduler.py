@@ -18,12 +18,14 @@ delete their temporary files, the manifest is written INTERRUPTED, exit 143 / 13
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import random
 import signal
 import sys
 import time
+import zlib
 from collections.abc import Generator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from typing import Any
 
 import anyio
 import backoff
+import zstandard
 
 from orchestrator.api import ApiClient, RetryPolicy
 from orchestrator.config import Job, JobFile, load_job_file, read_token
@@ -66,6 +69,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 ADOPT_WINDOW_MS = 30_000
 """Clock skew allowed when looking for an execution whose create answer was lost."""
+LOCAL_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)
+"""Errors of this machine (files, disk, decompression) that fail one job, not the run."""
 RETRIED_STATUSES = frozenset({ExecutionStatus.FAILED, ExecutionStatus.LOST, ExecutionStatus.EXECUTOR_NOT_RESPONDING})
 
 
@@ -150,8 +155,21 @@ class Runner:
         async with self.limiter:
             rec = self.manifest.jobs[job.name]
             try:
-                rec = await self._prepare(job, jl)
-                if await self._already_done(job, rec):
+                done = await self._already_done(job, rec)
+                if done and job.query is None and rec.export_id == job.export_id:
+                    jl.info(
+                        "already complete in this folder (sha256 verified): skipped", extra={"event": "job_skipped"}
+                    )
+                    return
+                try:
+                    rec = await self._prepare(job, jl)
+                except (ApiError, TransportError) as exc:
+                    if not done:
+                        raise
+                    # Never downgrade a verified file because the API is unwell tonight.
+                    jl.warning("could not check the job's query (%s): keeping its complete file", exc)
+                    return
+                if done and rec is self.manifest.jobs[job.name] and rec.status is JobStatus.SUCCEEDED:
                     jl.info(
                         "already complete in this folder (sha256 verified): skipped", extra={"event": "job_skipped"}
                     )
@@ -170,6 +188,9 @@ class Runner:
                 self._stop.cancel()
             except (ApiError, TransportError) as exc:
                 self._fail(rec, jl, JobStatus.FAILED, str(exc))
+            except LOCAL_ERRORS as exc:
+                # Disk full, a folder in the way, a corrupt file: this job fails, the run goes on.
+                self._fail(rec, jl, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
             if rec.status.is_final:
                 rec.finished_at = now_iso()
                 await self.writer.save()
@@ -207,7 +228,10 @@ class Runner:
         path = self.output_dir / rec.path
         if not path.is_file() or rec.path != output_name(job.name, job.compression):
             return False
-        digest = await anyio.to_thread.run_sync(sha256_of_file, path, job.compression)
+        try:
+            digest = await anyio.to_thread.run_sync(sha256_of_file, path, job.compression, abandon_on_cancel=True)
+        except LOCAL_ERRORS:
+            return False  # unreadable or corrupt: download it again
         return digest == rec.sha256
 
     async def _attempts(self, job: Job, rec: JobRecord, jl: JobLog) -> None:
@@ -220,10 +244,13 @@ class Runner:
             execution = await self._adopt_or_create(job, rec, jl, export_id, adopt=adopt)
             adopted, adopt = adopt and execution.id == rec.execution_id, False
             jl.extra = {**(jl.extra or {}), "execution_id": execution.id}
-            deadline = (execution.creation_date or time.time() * 1000) / 1000 + job.timeout_s
+            # An execution adopted from an interrupted run gets a whole timeout_s from now:
+            # cutting it short would throw away the platform's work (and a resumable part file).
+            start_s = time.time() if adopted else (execution.creation_date or time.time() * 1000) / 1000
+            latest = execution
             try:
-                with anyio.fail_after(max(0.0, deadline - time.time())):
-                    final = await self._poll(job, rec, jl, export_id, execution)
+                with anyio.fail_after(max(0.0, start_s + job.timeout_s - time.time())):
+                    final = latest = await self._poll(job, rec, jl, export_id, execution)
                     if final.is_success:
                         try:
                             await self._download(job, rec, jl, export_id, final)
@@ -234,7 +261,10 @@ class Runner:
                             jl.warning("the adopted execution's file is gone: starting a new execution")
                             continue
             except TimeoutError:
-                await self._cancel(export_id, execution.id, jl)
+                if rec.status is JobStatus.SUCCEEDED:
+                    return  # the deadline fell after the file was complete and recorded
+                if not latest.is_final:
+                    await self._cancel(export_id, execution.id, jl)
                 raise ExecutionTimeoutError(
                     f"execution {execution.id} did not finish within timeout_s={job.timeout_s:g}"
                 ) from None
@@ -414,7 +444,8 @@ class Runner:
         rec.bytes, rec.records, rec.sha256 = result.bytes, result.records, result.sha256
         rec.invalid_lines = result.stats.invalid_lines
         rec.invalid_line_numbers = list(result.stats.invalid_line_numbers)
-        await self.writer.save()
+        with anyio.CancelScope(shield=True):  # the file is complete: record it whatever happens
+            await self.writer.save()
         jl.info(
             "SUCCEEDED: %d records, %d bytes in %.1fs (%.1f MB/s)%s",
             result.records,
@@ -548,12 +579,9 @@ def execute(options: RunOptions) -> int:
     token = None
     if not options.simulate:
         token = read_token(job_file.api.token_env)
-    base_url = os.environ.get("MICS_API_URL") or job_file.api.base_url
+    base_url = job_file.base_url() if not options.simulate else ""
     output_dir = job_file.output_dir(options.output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create output folder {output_dir}: {exc.strerror or exc}") from None
+    lock = _claim(output_dir)
     live = options.progress == "on" or (options.progress == "auto" and sys.stderr.isatty())
     from orchestrator.logs import setup_logging
 
@@ -564,7 +592,29 @@ def execute(options: RunOptions) -> int:
         quiet=live,
     )
     plan = _Plan(options, job_file, jobs, shard, token, base_url, output_dir, live)
-    return anyio.run(_main, plan)
+    try:
+        return anyio.run(_main, plan)
+    finally:
+        os.close(lock)
+
+
+def _claim(output_dir: Path) -> int:
+    """Create ``output_dir`` and lock it for this run (exit 2 if it cannot be, or is taken).
+
+    Two runs in one folder would resume each other's part files and overwrite each
+    other's manifest; the lock (``.lock``, flock) is released by the kernel even on kill -9.
+    """
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(output_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UsageError(f"cannot use output folder {output_dir}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UsageError(f"another mics-export run is using {output_dir}: wait for it, or use another folder") from None
+    return fd
 
 
 @dataclass(frozen=True)
@@ -662,7 +712,10 @@ async def _main(plan: _Plan) -> int:
             if received or manifest.status is RunStatus.RUNNING:
                 manifest.status = RunStatus.INTERRUPTED
             manifest.finished_at = now_iso()
-            runner.writer.save_now()
+            try:
+                runner.writer.save_now()
+            except OSError as exc:
+                log.error("cannot write %s: %s", runner.writer.path, exc, extra={"event": "manifest_failed"})
             if view is not None:
                 view.__exit__(None, None, None)
                 view.summary(str(output_dir / MANIFEST_NAME))

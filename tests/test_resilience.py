@@ -331,3 +331,77 @@ def test_token_never_appears_anywhere_at_the_most_verbose_level(tmp_path: Path) 
         assert TOKEN not in text
     for file in (tmp_path / "out").iterdir():
         assert TOKEN.encode() not in file.read_bytes(), file
+
+
+def test_adopted_execution_past_its_timeout_is_still_downloaded(tmp_path: Path) -> None:
+    """A rerun after timeout_s has passed still uses the earlier run's SUCCEEDED execution; it is not cancelled."""
+    spec = ExportSpec("1", size_bytes=50_000, pending_s=0.01, running_s=0.02)
+    with _sim(spec) as sim:
+        path = write_jobs(tmp_path, [{"name": "a", "export_id": "1", "timeout_s": 0.5}])
+        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        done_at = time.time()
+        (tmp_path / "out" / "a.ndjson").unlink()
+        wait_for(lambda: time.time() > done_at + 0.6, what="the timeout to pass")
+        rerun = run_cli("run", str(path), env=cli_env(sim.url))
+        created, cancels = sim.stats.executions_created["1"], sim.stats.cancels
+    assert rerun.returncode == 0, rerun.stderr
+    assert_exact(tmp_path / "out", "a", spec)
+    assert created == 1 and cancels == 0
+
+
+def test_a_local_file_error_fails_one_job_not_the_run(tmp_path: Path) -> None:
+    """A folder standing where a job's file should go fails that job with one line; the others succeed."""
+    a = ExportSpec("1", size_bytes=10_000, pending_s=0.01, running_s=0.02)
+    b = ExportSpec("2", size_bytes=10_000, pending_s=0.01, running_s=0.02, seed=1)
+    with _sim(a, b) as sim:
+        path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}, {"name": "b", "export_id": "2"}])
+        (tmp_path / "out" / "a.ndjson").mkdir(parents=True)
+        proc = run_cli("run", str(path), env=cli_env(sim.url))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    jobs = jobs_by_name(manifest(tmp_path / "out"))
+    assert jobs["a"]["status"] == "FAILED" and "a.ndjson" in jobs["a"]["error"]
+    assert_exact(tmp_path / "out", "b", b)
+    assert manifest(tmp_path / "out")["status"] == "FAILED"
+
+
+def test_two_runs_cannot_share_an_output_folder(tmp_path: Path) -> None:
+    """While one run works in a folder, a second run into it exits 2 without touching anything."""
+    slow = ExportSpec("1", size_bytes=1000, pending_s=0.01, running_s=3)
+    with _sim(slow) as sim:
+        path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
+        first = start_cli("run", str(path), env=cli_env(sim.url))
+        wait_for(lambda: (_job_state(tmp_path / "out", "a") or {}).get("execution_id"), what="the first run")
+        second = run_cli("run", str(path), env=cli_env(sim.url))
+        _stop(first, signal.SIGTERM)
+        created = sim.stats.executions_created["1"]
+    assert second.returncode == 2 and "another mics-export run" in second.stderr
+    assert created == 1
+
+
+@pytest.mark.parametrize("url", ["api.mediarithmics.com", "ftp://example.org", "http://"])
+def test_a_malformed_api_url_is_a_usage_error(tmp_path: Path, url: str) -> None:
+    """A base URL without http(s) and a host exits 2 at once, naming where it came from."""
+    path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
+    proc = run_cli("run", str(path), env=cli_env(url))
+    assert proc.returncode == 2 and "MICS_API_URL" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+
+
+def test_error_text_echoing_the_token_is_scrubbed() -> None:
+    """An API or gateway error that echoes the Authorization header never carries the token onward."""
+    from orchestrator.api import _error_from, _Secret
+
+    body = orjson.dumps({"status": "error", "error": f"bad token {TOKEN}", "error_id": "x"})
+    exc = _error_from(401, body, "GET", "/v1/exports", None, _Secret(TOKEN))
+    assert TOKEN not in str(exc) and TOKEN not in (exc.error or "") and "***" in str(exc)
+    raw = _error_from(502, f"<html>{TOKEN}</html>".encode(), "GET", "/v1/x", None, _Secret(TOKEN))
+    assert TOKEN not in str(raw)
+
+
+def test_a_huge_retry_after_pauses_no_longer_than_the_cap() -> None:
+    """A Retry-After of hours pauses the whole client only up to max_retry_after_s."""
+    from orchestrator.api import Throttle
+
+    throttle = Throttle(max_retry_after_s=2.0)
+    throttle.on_throttled(7200.0)
+    assert throttle.pause_until - time.monotonic() <= 2.0
