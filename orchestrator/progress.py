@@ -73,9 +73,10 @@ class ProgressView:
     def _rate(self, job: JobRecord) -> float:
         now = time.monotonic()
         last = self._samples.get(job.name)
-        self._samples[job.name] = (now, job.downloaded)
+        downloaded = self.manifest.live_of(job.name).downloaded
+        self._samples[job.name] = (now, downloaded)
         if last and now - last[0] > 0.2:
-            inst = (job.downloaded - last[1]) / (now - last[0])
+            inst = (downloaded - last[1]) / (now - last[0])
             self._rates[job.name] = 0.7 * self._rates.get(job.name, inst) + 0.3 * inst
         return self._rates.get(job.name, 0.0)
 
@@ -94,9 +95,10 @@ class ProgressView:
         for job in active[:30]:
             detail = ""
             if job.status is JobStatus.DOWNLOADING:
-                detail = f"{format_bytes(job.downloaded)}  {format_bytes(self._rate(job))}/s"
+                rate = self._rate(job)
+                detail = f"{format_bytes(self.manifest.live_of(job.name).downloaded)}  {format_bytes(rate)}/s"
             elif job.num_tasks:
-                detail = f"tasks {job.completed_tasks or 0}/{job.num_tasks}"
+                detail = f"tasks {self.manifest.live_of(job.name).completed_tasks or 0}/{job.num_tasks}"
             table.add_row(
                 Text(job.name, style="bold"),
                 Text(job.status.value, style=_STYLE[job.status]),

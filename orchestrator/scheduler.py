@@ -411,7 +411,8 @@ class Runner:
             )
             else JobStatus.PENDING
         )
-        rec.num_tasks, rec.completed_tasks = execution.num_tasks, execution.completed_tasks
+        rec.num_tasks = execution.num_tasks
+        self.manifest.live_of(rec.name).completed_tasks = execution.completed_tasks
         rec.erroneous_tasks = execution.erroneous_tasks
         if not execution.is_final and status is not rec.status:
             rec.status = status
@@ -419,13 +420,14 @@ class Runner:
 
     async def _download(self, job: Job, rec: JobRecord, jl: JobLog, export_id: str, execution: Execution) -> None:
         rec.status = JobStatus.DOWNLOADING
-        rec.downloaded = 0
+        live = self.manifest.live_of(job.name)
+        live.downloaded = 0
         await self.writer.save()
         dest = self.output_dir / output_name(job.name, job.compression)
         started = time.monotonic()
 
         def progress(n: int) -> None:
-            rec.downloaded = n
+            live.downloaded = n
 
         result = await download(
             lambda start: self.api.stream_result(
@@ -513,9 +515,10 @@ def poll_waits(initial_s: float, max_s: float) -> Generator[float, Any, None]:
     """Seconds to wait before each poll (a ``backoff`` wait generator).
 
     The n-th wait is ``uniform(0, min(max_s, initial_s * 2 ** n))`` (full jitter). Once
-    the execution reports progress, the wait is at least its estimated time to finish
-    (times ``uniform(1, 1.1)``, to land just after it) or, when that is beyond ``max_s``,
-    ``max_s`` times ``uniform(0.9, 1)``: a 5-minute execution then costs ~9 polls, not ~15.
+    the execution reports progress, the wait is its estimated time to finish instead
+    (times ``uniform(1, 1.1)``, to land just after it, and no less than about
+    ``initial_s``) or, when that is beyond ``max_s``, ``max_s`` times ``uniform(0.9, 1)``:
+    a 5-minute execution then costs ~9 polls, not ~15, and its end is noticed promptly.
     The estimate comes from how fast ``completed_tasks`` moved between two polls, on this
     machine's monotonic clock, so the platform's clock does not matter.
     """
@@ -525,15 +528,19 @@ def poll_waits(initial_s: float, max_s: float) -> Generator[float, Any, None]:
     while True:
         wait = random.uniform(0, min(max_s, initial_s * 2**n))
         n += 1
-        done, total = getattr(execution, "completed_tasks", None), getattr(execution, "num_tasks", None)
+        # Not started yet counts as 0 done: the first progress seen then gives a rate that
+        # is too low (it started later), so a long first step — which is the right step.
+        done = getattr(execution, "completed_tasks", None) or 0
+        total = getattr(execution, "num_tasks", None)
         now = time.monotonic()
-        if done is not None and total:
-            if last is not None and done > last[1]:
-                eta = (total - done) * (now - last[0]) / (done - last[1])
-                # Far from the end: a full max_s step. Near it: land just after the finish.
-                hint = max_s * random.uniform(0.9, 1.0) if eta > max_s else eta * random.uniform(1.0, 1.1)
-                wait = max(wait, min(max_s, hint))
-            last = (now, done)
+        if total and last is not None and done > last[1]:
+            eta = (total - done) * (now - last[0]) / (done - last[1])
+            # Far from the end: a full max_s step. Near it: land just after the finish.
+            hint = max_s * random.uniform(0.9, 1.0) if eta > max_s else eta * random.uniform(1.0, 1.1)
+            # The estimate replaces the random draw: a draw up to max_s near the end
+            # would notice the finish up to max_s late.
+            wait = min(max_s, max(hint, initial_s * random.uniform(0.5, 1.0)))
+        last = (now, done)
         execution = yield wait
 
 

@@ -101,6 +101,13 @@ class _Batches:
         self.merged = 0
         self.results: dict[int, LineStats] = {}
         self.done: anyio.Event | None = None  # created when someone waits
+        self.error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        """A batch was lost with its worker: the download fails instead of waiting forever."""
+        self.error = error
+        if self.done is not None:
+            self.done.set()
 
     def deliver(self, seq: int, stats: LineStats) -> None:
         self.results[seq] = stats
@@ -119,7 +126,8 @@ class ValidatorPool:
         self.slot_bytes = slot_bytes
         self.slots = slots or 2 * workers + 2
         self._tokens = itertools.count()
-        self._owners: dict[int, tuple[_Batches, int]] = {}
+        self._owners: dict[int, tuple[_Batches, int, int, int]] = {}  # token → owner, seq, slot, worker
+        self._alive: list[bool] = [True] * workers
         self._free: list[int] = [i * slot_bytes for i in range(self.slots)]
         self._procs: list[Process] = []
         self._load: list[int] = [0] * workers
@@ -150,26 +158,39 @@ class ValidatorPool:
     async def _read_answers(self, index: int, proc: Process) -> None:
         from anyio.streams.buffered import BufferedByteReceiveStream
 
-        from orchestrator.errors import MicsExportError
-
         assert proc.stdout is not None
         stream = BufferedByteReceiveStream(proc.stdout)
         while True:
             try:
                 header = await stream.receive_exactly(RESPONSE.size)
             except Exception as exc:  # EndOfStream, IncompleteRead, BrokenResource
-                if self._closing:
-                    return
-                raise MicsExportError(f"validation worker {index} exited unexpectedly") from exc
+                if not self._closing:
+                    self._lost(index, exc)
+                return
             token, slot, lines, blank, invalid, count = RESPONSE.unpack(header)
             numbers = array("I")
             if count:
                 numbers.frombytes(await stream.receive_exactly(4 * count))
-            owner, seq = self._owners.pop(token)
-            self._load[index] -= 1
-            self._free.append(slot)
-            self._slot_sem.release()
+            owner, seq, _slot, _worker = self._owners.pop(token)
+            self._release(index, slot)
             owner.deliver(seq, LineStats(lines, blank, invalid, list(numbers)))
+
+    def _release(self, index: int, slot: int) -> None:
+        self._load[index] -= 1
+        self._free.append(slot)
+        self._slot_sem.release()
+
+    def _lost(self, index: int, exc: BaseException) -> None:
+        """A worker died (an OOM kill, say): fail the downloads it held, route around it."""
+        from orchestrator.errors import JobError
+
+        self._alive[index] = False
+        error = JobError(f"validation worker {index} exited unexpectedly ({type(exc).__name__})")
+        for token, (owner, _seq, slot, worker) in list(self._owners.items()):
+            if worker == index:
+                del self._owners[token]
+                self._release(index, slot)
+                owner.fail(error)
 
     _closing = False
 
@@ -191,10 +212,13 @@ class ValidatorPool:
 
     async def _submit(self, owner: _Batches, parts: tuple[bytes | memoryview, ...], length: int) -> None:
         """Copy one line-aligned batch into a free slot and hand it to the least busy worker."""
+        if owner.error is not None:
+            raise owner.error
         seq = owner.sent
         owner.sent += 1
-        if length > self.slot_bytes:
-            # A line longer than a slot (rare): check it here, in order with the rest.
+        alive = [i for i in range(self.workers) if self._alive[i]]
+        if length > self.slot_bytes or not alive:
+            # A line longer than a slot (rare), or no worker left: check it here, in order.
             stats = LineStats()
             lines = b"".join(parts).split(b"\n")
             if lines and not lines[-1]:
@@ -209,13 +233,18 @@ class ValidatorPool:
             self._ring[pos : pos + len(part)] = part
             pos += len(part)
         token = next(self._tokens)
-        self._owners[token] = (owner, seq)
-        index = min(range(self.workers), key=self._load.__getitem__)
+        index = min(alive, key=self._load.__getitem__)
+        self._owners[token] = (owner, seq, offset, index)
         self._load[index] += 1
         self.batches += 1
         stdin = self._procs[index].stdin
         assert stdin is not None
-        await stdin.send(REQUEST.pack(offset, length, token, 0))
+        try:
+            await stdin.send(REQUEST.pack(offset, length, token, 0))
+        except Exception as exc:  # BrokenResourceError, ClosedResourceError: it died before we saw EOF
+            if self._alive[index]:
+                self._lost(index, exc)
+            raise owner.error or exc from None
 
     def checker(self, initial: LineStats | None = None, tail: bytes = b"") -> PooledChecker:
         """A checker for one download, optionally continuing from stats and a held-back tail."""
@@ -249,9 +278,11 @@ class PooledChecker:
         if self._tail:
             tail, self._tail = self._tail, b""
             await self.pool._submit(self.batches, (tail,), len(tail))
-        if self.batches.merged < self.batches.sent:
+        if self.batches.merged < self.batches.sent and self.batches.error is None:
             self.batches.done = anyio.Event()
             await self.batches.done.wait()
+        if self.batches.error is not None:
+            raise self.batches.error
         return self.batches.stats
 
 

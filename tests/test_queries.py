@@ -243,7 +243,7 @@ def test_mixed_export_id_and_query_jobs_in_one_file(tmp_path: Path) -> None:
     for name, spec in (("fb-adwords-segments", a), ("profiles", b)):
         entry = assert_exact(out, name, spec)
         assert entry["export_id"] == spec.id
-        assert "query_id" not in entry
+        assert entry["query_id"] is None  # only query jobs have one
 
 
 def test_custom_export_name_prefix_is_honoured(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ process, and checks outputs byte for byte and the simulator's count of execution
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -405,3 +406,35 @@ def test_a_huge_retry_after_pauses_no_longer_than_the_cap() -> None:
     throttle = Throttle(max_retry_after_s=2.0)
     throttle.on_throttled(7200.0)
     assert throttle.pause_until - time.monotonic() <= 2.0
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (Linux /proc)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out += [int(c) for c in text]
+    return out
+
+
+def test_a_dead_validation_worker_fails_its_download_not_the_run(tmp_path: Path) -> None:
+    """If a validation worker is killed (an OOM kill, say), the run still finishes and records every job."""
+    specs = [ExportSpec(str(i), size_bytes=3 * MIB, pending_s=0.01, running_s=0.02, seed=i) for i in (1, 2)]
+    with _sim(*specs, faults=Faults(slow_body_bps=3 * MIB)) as sim:
+        path = write_jobs(tmp_path, [{"name": f"j{s.id}", "export_id": s.id} for s in specs])
+        out = tmp_path / "out"
+        proc = start_cli("run", str(path), "--workers", "2", env=cli_env(sim.url))
+        wait_for(lambda: list(out.glob(".j*.ndjson.*.part")), what="downloads to start")
+        workers = wait_for(lambda: _children(proc.pid), what="the worker processes")
+        os.kill(workers[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 1) and "Traceback" not in stderr
+    doc = manifest(out)
+    assert doc["status"] in ("SUCCEEDED", "FAILED")
+    for spec in specs:
+        entry = jobs_by_name(doc)[f"j{spec.id}"]
+        if entry["status"] == "SUCCEEDED":
+            assert_exact(out, f"j{spec.id}", spec)
+        else:
+            assert entry["status"] == "FAILED" and "validation worker" in entry["error"]
+    assert leftovers(out) == []
