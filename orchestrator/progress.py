@@ -125,9 +125,15 @@ class ProgressView:
 
 def print_summary(manifest: Manifest, names: Iterable[str], console: Console) -> None:
     """A table of every selected job: status, attempts, size, records, problems."""
+    names = list(names)
     table = Table(title=f"run {manifest.run_id}: {manifest.status.value}", title_justify="left")
     for col in ("job", "status", "attempts", "bytes", "records", "invalid", "notes"):
-        table.add_column(col, justify="right" if col in ("attempts", "bytes", "records", "invalid") else "left")
+        table.add_column(
+            col,
+            justify="right" if col in ("attempts", "bytes", "records", "invalid") else "left",
+            no_wrap=col != "notes",  # names and figures stay whole; notes wrap
+            ratio=1 if col == "notes" else None,  # notes take what is left; the rest keep their width
+        )
     for name in names:
         job = manifest.jobs.get(name)
         if job is None:
