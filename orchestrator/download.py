@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -204,6 +204,8 @@ async def download(
     on_progress: Callable[[int], None] | None = None,
     pool: ValidatorPool | None = None,
     queue_chunks: int = 8,
+    stale_tags: Iterable[str] = (),
+    before_rename: Callable[[DownloadResult], Awaitable[None]] | None = None,
 ) -> DownloadResult:
     """Stream ``open_stream(start)`` into ``dest``, atomically.
 
@@ -212,15 +214,17 @@ async def download(
     file left by an earlier, killed run is continued from its size. ``on_progress`` gets
     the byte count so far (uncompressed). With a ``pool``, lines are checked by worker
     processes. On any failure or cancellation the temporary file is removed, so a
-    half-written file is never left under the final name.
+    half-written file is never left under the final name. ``stale_tags`` name part files
+    of other executions to remove. ``before_rename`` runs once the file is complete and
+    fsynced, just before the rename, shielded from cancellation with it: a caller records
+    the result there, so that no moment exists where the file is in place but unrecorded.
 
     Memory: at most ``queue_chunks`` chunks wait for the writer, plus the pool's ring.
     """
     part = part_path(dest, tag)
-    for stale in dest.parent.glob(f".{dest.name}.*.part"):
-        tag_of_stale = stale.name[len(dest.name) + 2 : -len(".part")]
-        if stale != part and "." not in tag_of_stale:  # a killed run's, for another execution
-            stale.unlink(missing_ok=True)
+    for old in stale_tags:  # part files a killed run left for other executions of this job
+        if old != tag:
+            part_path(dest, old).unlink(missing_ok=True)
     digest = hashlib.sha256()
     inline = LineChecker()
     start = 0
@@ -242,14 +246,18 @@ async def download(
             raise InvalidDataError(
                 f"{stats.invalid_lines} invalid line(s), first at line {stats.invalid_line_numbers[0]}"
             )
-        os.replace(part, dest)
-        fsync_dir(dest.parent)
+        result = DownloadResult(dest, received, digest.hexdigest(), stats, start)
+        with anyio.CancelScope(shield=True):
+            if before_rename is not None:
+                await before_rename(result)
+            os.replace(part, dest)
+            fsync_dir(dest.parent)
     except BaseException:
         writer.abort()
         with contextlib.suppress(OSError):  # sync and instant: no await for a cancel to hit
             part.unlink()
         raise
-    return DownloadResult(dest, received, digest.hexdigest(), stats, start)
+    return result
 
 
 def sha256_of_file(path: Path, compression: str = "none") -> str:

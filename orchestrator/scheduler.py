@@ -37,7 +37,7 @@ import zstandard
 
 from orchestrator.api import ApiClient, RetryPolicy
 from orchestrator.config import Job, JobFile, load_job_file, read_token
-from orchestrator.download import download, output_name, sha256_of_file
+from orchestrator.download import DownloadResult, download, output_name, sha256_of_file
 from orchestrator.errors import (
     ApiError,
     AuthError,
@@ -125,6 +125,7 @@ class Runner:
         self.pool = pool
         self.auth_error: AuthError | None = None
         self._stop = anyio.CancelScope()
+        self._stale: dict[str, set[str]] = {}  # job → executions whose part files may linger
         for job in jobs:
             old = previous.jobs.get(job.name) if previous else None
             manifest.jobs[job.name] = old if old is not None else JobRecord(name=job.name, export_id=job.export_id)
@@ -335,6 +336,8 @@ class Runner:
         raise TransportError(f"could not create an execution of export {export_id}: answers lost 3 times")
 
     def _started(self, rec: JobRecord, execution: Execution) -> None:
+        if rec.execution_id and rec.execution_id != execution.id:
+            self._stale.setdefault(rec.name, set()).add(rec.execution_id)
         rec.execution_id = execution.id
         rec.creating_since = None
         rec.attempts += 1
@@ -429,6 +432,16 @@ class Runner:
         def progress(n: int) -> None:
             live.downloaded = n
 
+        async def record(result: DownloadResult) -> None:
+            # Saved before the rename: a kill between the two leaves a complete part file
+            # that the rerun finishes at once (416 at its end), never a second download.
+            rec.status = JobStatus.SUCCEEDED
+            rec.path = dest.name
+            rec.bytes, rec.records, rec.sha256 = result.bytes, result.records, result.sha256
+            rec.invalid_lines = result.stats.invalid_lines
+            rec.invalid_line_numbers = list(result.stats.invalid_line_numbers)
+            await self.writer.save()
+
         result = await download(
             lambda start: self.api.stream_result(
                 export_id, execution.id, technical_name=execution.technical_name, start=start
@@ -439,15 +452,10 @@ class Runner:
             on_invalid=job.on_invalid,
             on_progress=progress,
             pool=self.pool,
+            stale_tags=self._stale.pop(job.name, ()),
+            before_rename=record,
         )
         elapsed = max(1e-9, time.monotonic() - started)
-        rec.status = JobStatus.SUCCEEDED
-        rec.path = dest.name
-        rec.bytes, rec.records, rec.sha256 = result.bytes, result.records, result.sha256
-        rec.invalid_lines = result.stats.invalid_lines
-        rec.invalid_line_numbers = list(result.stats.invalid_line_numbers)
-        with anyio.CancelScope(shield=True):  # the file is complete: record it whatever happens
-            await self.writer.save()
         jl.info(
             "SUCCEEDED: %d records, %d bytes in %.1fs (%.1f MB/s)%s",
             result.records,

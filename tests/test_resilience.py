@@ -438,3 +438,20 @@ def test_a_dead_validation_worker_fails_its_download_not_the_run(tmp_path: Path)
         else:
             assert entry["status"] == "FAILED" and "validation worker" in entry["error"]
     assert leftovers(out) == []
+
+
+def test_a_complete_part_file_is_finished_without_downloading_again(tmp_path: Path) -> None:
+    """Killed between recording a complete download and renaming it: the rerun renames it, fetching nothing."""
+    spec = ExportSpec("1", size_bytes=300_000, pending_s=0.01, running_s=0.02)
+    with _sim(spec) as sim:
+        path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
+        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        out = tmp_path / "out"
+        execution_id = jobs_by_name(manifest(out))["a"]["execution_id"]
+        (out / "a.ndjson").rename(out / f".a.ndjson.{execution_id}.part")  # the state such a kill leaves
+        rerun = run_cli("run", str(path), env=cli_env(sim.url))
+        bytes_served = sim.stats.bytes_served
+    assert rerun.returncode == 0, rerun.stderr
+    assert_exact(out, "a", spec)
+    assert bytes_served == spec.result().size  # served once, by the first run
+    assert leftovers(out) == []
