@@ -178,11 +178,18 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class ManifestWriter:
-    """Group commit: callers of :meth:`save` share writes; each returns once its change is on disk."""
+    """Group commit: callers of :meth:`save` share writes; each returns once its change is on disk.
 
-    def __init__(self, manifest: Manifest, path: Path) -> None:
+    Changes that need not be on disk before the next step (a status moving on, a
+    failure's details) are only :meth:`mark`-ed: :meth:`run_flusher` writes them within
+    ``flush_interval_s``, or an earlier :meth:`save` takes them along. A kill -9 can lose at
+    most that much of them, and every one of them is redone or recovered by a rerun.
+    """
+
+    def __init__(self, manifest: Manifest, path: Path, flush_interval_s: float = 1.0) -> None:
         self.manifest = manifest
         self.path = path
+        self.flush_interval_s = flush_interval_s
         self.writes = 0
         self._lock = anyio.Lock()
         self._changes = 0
@@ -192,7 +199,20 @@ class ManifestWriter:
     async def save(self) -> None:
         """Persist the manifest as it is now (or later: a later write includes this change)."""
         self._changes += 1
-        wanted = self._changes
+        await self._write(self._changes)
+
+    def mark(self) -> None:
+        """Note a change that the next write (within ``flush_interval_s``) will carry."""
+        self._changes += 1
+
+    async def run_flusher(self) -> None:
+        """Write marked changes every ``flush_interval_s`` seconds, until cancelled."""
+        while True:
+            await anyio.sleep(self.flush_interval_s)
+            if self._written < self._changes:
+                await self._write(self._changes)
+
+    async def _write(self, wanted: int) -> None:
         async with self._lock:
             if self._written >= wanted:
                 return  # someone else's write already covered this change

@@ -138,10 +138,13 @@ class Runner:
     async def run(self) -> RunStatus:
         """Run every job; returns SUCCEEDED only if every job succeeded."""
         await self.writer.save()
-        with self._stop:
-            async with anyio.create_task_group() as tg:
-                for job in self.jobs:
-                    tg.start_soon(self._job, job)
+        async with anyio.create_task_group() as flushing:
+            flushing.start_soon(self.writer.run_flusher)
+            with self._stop:
+                async with anyio.create_task_group() as tg:
+                    for job in self.jobs:
+                        tg.start_soon(self._job, job)
+            flushing.cancel_scope.cancel()
         if self.auth_error is not None:
             for job in self.jobs:
                 rec = self.manifest.jobs[job.name]
@@ -194,7 +197,7 @@ class Runner:
                 self._fail(rec, jl, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
             if rec.status.is_final:
                 rec.finished_at = now_iso()
-                await self.writer.save()
+                self.writer.mark()
 
     async def _prepare(self, job: Job, jl: JobLog) -> JobRecord:
         """The job's record, its export resolved; an earlier run's state is dropped if it was
@@ -310,7 +313,7 @@ class Runner:
                         extra={"event": "adopted", "execution_id": lost.id},
                     )
                     self._started(rec, lost)
-                    await self.writer.save()
+                    self.writer.mark()
                     return lost
             rec.creating_since = int(time.time() * 1000)
             await self.writer.save()  # the intent is on disk before the POST
@@ -322,7 +325,7 @@ class Runner:
                 jl.warning("create-execution answer lost (%s): looking for it", exc)
                 continue
             self._started(rec, execution)
-            await self.writer.save()
+            self.writer.mark()  # the intent already on disk covers this window (see README)
             jl.info(
                 "created execution %s",
                 execution.id,
@@ -419,13 +422,13 @@ class Runner:
         rec.erroneous_tasks = execution.erroneous_tasks
         if not execution.is_final and status is not rec.status:
             rec.status = status
-            await self.writer.save()
+            self.writer.mark()
 
     async def _download(self, job: Job, rec: JobRecord, jl: JobLog, export_id: str, execution: Execution) -> None:
         rec.status = JobStatus.DOWNLOADING
         live = self.manifest.live_of(job.name)
         live.downloaded = 0
-        await self.writer.save()
+        self.writer.mark()
         dest = self.output_dir / output_name(job.name, job.compression)
         started = time.monotonic()
 
@@ -507,7 +510,7 @@ class Runner:
                 first = text.decode("utf-8", "replace").strip().splitlines()[:1]
                 if first:
                     rec.error += f": {first[0][:200]}"
-        await self.writer.save()
+        self.writer.mark()
 
     async def _cancel(self, export_id: str, execution_id: str, jl: JobLog) -> None:
         """Best effort: the cancel endpoint is assumed, and its failure changes nothing."""
