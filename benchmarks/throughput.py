@@ -132,9 +132,8 @@ def main() -> None:
         save_json("throughput" + ("-quick" if args.quick else ""), results)
 
 
-def bench_shape(
-    shape: str, size: int, csize: int, each: int, n_conc: int, repeats: int, disk: Path, shm: Path
-) -> dict[str, Any]:
+def workload(shape: str, size: int, each: int, n_conc: int, disk: Path) -> tuple[list[Any], Path, Path]:
+    """The exports of one shape, and the job files of the single and the concurrent variants."""
     exports = [export_spec("1", size, shape)] + [export_spec(f"{100 + i}", each, shape) for i in range(n_conc)]
     single_jobs = write_jobs(disk, [{"name": f"one-{shape}", "export_id": "1"}], name=f"single-{shape}.yaml")
     conc_jobs = write_jobs(
@@ -143,6 +142,13 @@ def bench_shape(
         concurrency=n_conc,
         name=f"conc-{shape}.yaml",
     )
+    return exports, single_jobs, conc_jobs
+
+
+def bench_shape(
+    shape: str, size: int, csize: int, each: int, n_conc: int, repeats: int, disk: Path, shm: Path
+) -> dict[str, Any]:
+    exports, single_jobs, conc_jobs = workload(shape, size, each, n_conc, disk)
     samples: dict[str, list[float]] = {v: [] for v in [*SINGLE, *CONCURRENT]}
     walls: dict[str, list[float]] = {v: [] for v in RUNS}
     cpus: dict[str, list[float]] = {v: [] for v in RUNS}
@@ -274,14 +280,7 @@ def profile(missed: list[tuple[str, str]], size: int, each: int, n_conc: int, di
     """One extra run of each variant that missed its target, under py-spy."""
     out: dict[str, Any] = {}
     for shape in sorted({s for s, _ in missed}):
-        exports = [export_spec("1", size, shape)] + [export_spec(f"{100 + i}", each, shape) for i in range(n_conc)]
-        single_jobs = write_jobs(disk, [{"name": f"one-{shape}", "export_id": "1"}], name=f"single-{shape}.yaml")
-        conc_jobs = write_jobs(
-            disk,
-            [{"name": f"c{i}", "export_id": f"{100 + i}"} for i in range(n_conc)],
-            concurrency=n_conc,
-            name=f"conc-{shape}.yaml",
-        )
+        exports, single_jobs, conc_jobs = workload(shape, size, each, n_conc, disk)
         with SimProcess(exports, disk) as sim:
             sim.warm("1")
             for s, v in missed:

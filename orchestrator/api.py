@@ -39,6 +39,7 @@ import orjson
 
 from orchestrator._version import __version__
 from orchestrator.errors import (
+    TRANSIENT,
     ApiError,
     AuthError,
     ConnectError,
@@ -46,7 +47,6 @@ from orchestrator.errors import (
     NotFoundError,
     TransientApiError,
     TransportError,
-    is_transient,
 )
 from orchestrator.models import Execution, Export, Page
 
@@ -308,19 +308,22 @@ class ApiClient:
             extra={"event": "retry", "error": str(exc), "tries": details["tries"]},
         )
 
-    async def _retrying(self, func: Callable[[], Awaitable[T]]) -> T:
-        """Run ``func`` and retry it on transient errors, per the RetryPolicy."""
+    async def _retrying(
+        self,
+        func: Callable[[], Awaitable[T]],
+        retry_on: tuple[type[Exception], ...] = TRANSIENT,
+    ) -> T:
+        """Run ``func`` and retry it on ``retry_on`` (the transient errors), per the RetryPolicy."""
 
         async def call() -> T:  # backoff needs a coroutine function to retry asynchronously
             return await func()
 
         wrapped = backoff.on_exception(
             self._waits,
-            (TransientApiError, TransportError),
+            retry_on,
             max_tries=self.retry.max_tries,
             max_time=self.retry.max_time_s,
             jitter=None,
-            giveup=lambda e: not is_transient(e),
             on_backoff=self._on_backoff,
             logger=None,
         )(call)
@@ -480,28 +483,14 @@ class ApiClient:
         Not retried: a retry after a lost response would create a second execution. The
         caller (the scheduler) recovers from that window by looking at the list.
         """
-        env = await self._retrying_create(export_id)
-        return Execution.from_api(env["data"])
-
-    async def _retrying_create(self, export_id: str) -> Any:
         path = f"/v1/exports/{export_id}/executions"
-        body = b"{}"
-
-        async def attempt() -> Any:
-            return await self._once("POST", path, None, body, "application/json")
-
         # 429 and 5xx answers and failed connects are safe to retry (nothing was created);
         # a transport error after sending is not, so it is raised to the caller.
-        wrapped = backoff.on_exception(
-            self._waits,
-            (TransientApiError, ConnectError),
-            max_tries=self.retry.max_tries,
-            max_time=self.retry.max_time_s,
-            jitter=None,
-            on_backoff=self._on_backoff,
-            logger=None,
-        )(attempt)
-        return await wrapped()
+        env = await self._retrying(
+            lambda: self._once("POST", path, None, b"{}", "application/json"),
+            retry_on=(TransientApiError, ConnectError),
+        )
+        return Execution.from_api(env["data"])
 
     async def list_executions(self, export_id: str, first_result: int = 0, max_results: int = 10) -> Page:
         """One page of the export's executions, newest first; items are Execution."""

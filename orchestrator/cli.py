@@ -21,10 +21,9 @@ import orjson
 from orchestrator._version import __version__
 from orchestrator.api import DEFAULT_BASE_URL, ApiClient
 from orchestrator.config import check_base_url, read_token
-from orchestrator.errors import MicsExportError, UsageError, single_error
+from orchestrator.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MicsExportError, UsageError, single_error
 
 T = TypeVar("T")
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _api_url(option: str | None) -> str:

@@ -145,9 +145,17 @@ class InvalidDataError(JobError):
     """The result had invalid lines and the job asked for ``on_invalid: fail``."""
 
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+"""SPEC.md's exit codes: all succeeded; the run (or an API call) failed; usage error."""
+
+
+TRANSIENT: tuple[type[MicsExportError], ...] = (TransientApiError, TransportError)
+"""The errors worth retrying (429, 5xx, connection trouble): the client retries these."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a failed request is worth retrying (429, 5xx, connection trouble)."""
-    return isinstance(exc, TransientApiError | TransportError)
+    return isinstance(exc, TRANSIENT)
 
 
 def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -178,6 +186,10 @@ def _is_cancellation(exc: BaseException) -> bool:
 
 
 __all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "TRANSIENT",
     "ApiError",
     "AuthError",
     "ConfigError",

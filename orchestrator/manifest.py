@@ -161,10 +161,6 @@ class Manifest:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def write(self, path: Path) -> None:
-        """Write atomically: a crash leaves either the old or the new manifest, whole."""
-        write_atomic(path, self.to_bytes())
-
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the folder."""

@@ -96,10 +96,5 @@ class LineChecker:
         tail, self._tail = self._tail, b""
         return tail
 
-    @property
-    def pending_bytes(self) -> int:
-        """Bytes held back waiting for their newline (an unfinished line)."""
-        return len(self._tail)
-
 
 __all__ = ["MAX_INVALID_LINE_NUMBERS", "LineChecker", "LineStats", "check_lines"]

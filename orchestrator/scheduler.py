@@ -39,6 +39,8 @@ from orchestrator.api import ApiClient, RetryPolicy
 from orchestrator.config import Job, JobFile, load_job_file, read_token
 from orchestrator.download import DownloadResult, download, output_name, sha256_of_file
 from orchestrator.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
     ApiError,
     AuthError,
     ConnectError,
@@ -65,7 +67,6 @@ from orchestrator.workers import ValidatorPool, default_workers, validator_pool
 
 log = logging.getLogger("orchestrator.scheduler")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 ADOPT_WINDOW_MS = 30_000
 """Clock skew allowed when looking for an execution whose create answer was lost."""
@@ -120,7 +121,6 @@ class Runner:
         self.limiter = anyio.CapacityLimiter(concurrency)
         self.manifest = manifest
         self.writer = ManifestWriter(manifest, output_dir / MANIFEST_NAME)
-        self.previous = previous
         self.query_prefix = query_prefix
         self.pool = pool
         self.auth_error: AuthError | None = None
