@@ -87,6 +87,12 @@ class Settings(_Strict):
     stall_s: PositiveFloat | None = None
     """Warn when completed_tasks has not moved for this long (seconds)."""
     stall_action: Literal["warn", "timeout"] = "warn"
+    max_line_bytes: PositiveInt = 256 << 20
+    """A longer line fails the job (bytes): a bound on the memory one line may take."""
+    on_unverified_length: Literal["fail", "keep"] = "fail"
+    """When the server stated no length and the end could not be confirmed: fail the job
+    (the default: never a possibly short file reported as success), or keep the file and
+    say ``length_check: unverified`` in the manifest."""
 
 
 class Job(Settings):

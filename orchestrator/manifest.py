@@ -92,6 +92,8 @@ class JobRecord:
     started_at: str | None = None
     finished_at: str | None = None
     query_id: str | None = None
+    length_check: str | None = None
+    """How the file was known complete: content-length, content-range, chunked, end-probe or unverified."""
     creating_since: int | None = None
     """Epoch ms just before a create-execution request whose answer is not yet recorded."""
 

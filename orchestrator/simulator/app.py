@@ -409,7 +409,34 @@ def create_app(config: SimulatorConfig) -> web.Application:
             raise web.HTTPNotFound()
         return _ok({"id": request.match_info["query_id"], "query_language": "OTQL", **query})
 
-    async def check_query(request: web.Request) -> web.Response:
+    async def check_query_syntax(request: web.Request) -> web.Response:
+        # query_check/otql checks without running (NOTES.md): data.type VALID,
+        # PARSING_ERROR or VALIDATION_ERROR, with where the problem is.
+        body = await _json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("query"), str):
+            raise _BadRequest('the body must be {"query": "<OTQL text>"}')
+        text = body["query"]
+        if not _OTQL.match(text):
+            return _ok(
+                {
+                    "type": "PARSING_ERROR",
+                    "error": {
+                        "message": "mismatched input: expected SELECT ... FROM ...",
+                        "position": {"row": 1, "col": 1},
+                    },
+                }
+            )
+        if text.count("{") != text.count("}"):
+            col = (text.rfind("{") + 1) if text.count("{") > text.count("}") else (text.rfind("}") + 1)
+            return _ok(
+                {
+                    "type": "PARSING_ERROR",
+                    "error": {"message": "unbalanced braces", "position": {"row": 1, "col": col}},
+                }
+            )
+        return _ok({"type": "VALID"})
+
+    async def run_query(request: web.Request) -> web.Response:
         text = (await request.read()).decode("utf-8", "replace")
         if not _OTQL.match(text) or text.count("{") != text.count("}"):
             raise _BadRequest(f"Invalid OTQL query: cannot parse {text[:60]!r}")
@@ -567,5 +594,6 @@ def create_app(config: SimulatorConfig) -> web.Application:
     r.add_get("/v1/data_file/data", data_file, name="data_file")
     r.add_post("/v1/datamarts/{datamart_id}/queries", create_query, name="queries.create")
     r.add_get("/v1/datamarts/{datamart_id}/queries/{query_id}", get_query, name="queries.get")
-    r.add_post("/v1/datamarts/{datamart_id}/query_executions/otql", check_query, name="queries.check")
+    r.add_post("/v1/datamarts/{datamart_id}/query_check/otql", check_query_syntax, name="queries.check")
+    r.add_post("/v1/datamarts/{datamart_id}/query_executions/otql", run_query, name="queries.run")
     return app
