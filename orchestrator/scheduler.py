@@ -37,6 +37,7 @@ import zstandard
 
 from orchestrator.api import ApiClient, RetryPolicy
 from orchestrator.config import Job, JobFile, load_job_file, read_token
+from orchestrator.context import bind_job
 from orchestrator.download import DownloadResult, download, output_name, sha256_of_file
 from orchestrator.errors import (
     EXIT_FAILED,
@@ -47,8 +48,10 @@ from orchestrator.errors import (
     ExecutionFailedError,
     ExecutionTimeoutError,
     JobError,
+    MalformedResponseError,
     MicsExportError,
     NotFoundError,
+    TransientApiError,
     TransportError,
     UsageError,
 )
@@ -57,9 +60,12 @@ from orchestrator.manifest import (
     JobRecord,
     JobStatus,
     Manifest,
+    ManifestWriteError,
     ManifestWriter,
     RunStatus,
+    load_previous,
     now_iso,
+    remove_stale_temp_files,
     write_atomic,
 )
 from orchestrator.models import Execution, ExecutionStatus
@@ -73,6 +79,14 @@ ADOPT_WINDOW_MS = 30_000
 LOCAL_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 """Errors of this machine (files, disk, decompression) that fail one job, not the run."""
 RETRIED_STATUSES = frozenset({ExecutionStatus.FAILED, ExecutionStatus.LOST, ExecutionStatus.EXECUTOR_NOT_RESPONDING})
+ERROR_FILE_TIMEOUT_S = 30.0
+"""The most a FAILED execution's error file may take (never past the attempt's deadline)."""
+ERROR_FILE_MAX_BYTES = 1 << 20
+"""The most of an error file kept: it is for a person to read."""
+CREATE_TRIES_MIN = 3
+"""Creates whose outcome is unknown (5xx, cut answer) tried at least this often (else max_tries)."""
+POLL_MAX_EXPONENT = 32
+"""poll_waits stops doubling here: initial_s * 2**32 is past any max_s, and 2**1024 overflows."""
 
 
 class JobLog(logging.LoggerAdapter[logging.Logger]):
@@ -156,6 +170,10 @@ class Runner:
 
     async def _job(self, job: Job) -> None:
         jl = JobLog(log, {"job": job.name, "export_id": job.export_id, "execution_id": None})
+        # Lines the client, the stream and the models log for this job (a retry, a resume,
+        # an unknown status) carry its fields too. Each job is its own task, with its own
+        # copy of the context, so the binding ends with the task.
+        bind_job(lambda: jl.extra)
         async with self.limiter:
             rec = self.manifest.jobs[job.name]
             try:
@@ -166,12 +184,19 @@ class Runner:
                     )
                     return
                 try:
-                    rec = await self._prepare(job, jl)
-                except (ApiError, TransportError) as exc:
+                    # The export lookup is an API call of the job: it gets the job's deadline.
+                    with anyio.fail_after(job.timeout_s):
+                        rec = await self._prepare(job, jl)
+                except (ApiError, TransportError, TimeoutError) as exc:
                     if not done:
+                        if isinstance(exc, TimeoutError):
+                            raise ExecutionTimeoutError(
+                                f"the job's query export could not be looked up within timeout_s={job.timeout_s:g}"
+                            ) from None
                         raise
                     # Never downgrade a verified file because the API is unwell tonight.
-                    jl.warning("could not check the job's query (%s): keeping its complete file", exc)
+                    why = str(exc) if not isinstance(exc, TimeoutError) else f"no answer within {job.timeout_s:g}s"
+                    jl.warning("could not check the job's query (%s): keeping its complete file", why)
                     return
                 if done and rec is self.manifest.jobs[job.name] and rec.status is JobStatus.SUCCEEDED:
                     jl.info(
@@ -217,7 +242,14 @@ class Runner:
         return rec
 
     def _fail(self, rec: JobRecord, jl: JobLog, status: JobStatus, message: str) -> None:
+        # The message may quote the server (an error body, an execution's error): no token.
+        message = self.api.scrub(message)
         rec.status, rec.error = status, message
+        # A failed job vouches for no file. record() notes the file before its rename, so a
+        # rename or a manifest save that then fails would leave the sha256 and path of a
+        # file that is not (or not from this attempt) at that name.
+        rec.path = rec.sha256 = None
+        rec.bytes = rec.records = None
         jl.error(
             "%s: %s",
             status.value,
@@ -245,15 +277,20 @@ class Runner:
         budget_start = rec.attempts if rec.status.is_final else 0
         adopt = (rec.execution_id is not None and not rec.status.is_final) or rec.status is JobStatus.SUCCEEDED
         while True:
-            execution = await self._adopt_or_create(job, rec, jl, export_id, adopt=adopt)
-            adopted, adopt = adopt and execution.id == rec.execution_id, False
-            jl.extra = {**(jl.extra or {}), "execution_id": execution.id}
-            # An execution adopted from an interrupted run gets a whole timeout_s from now:
-            # cutting it short would throw away the platform's work (and a resumable part file).
-            start_s = time.time() if adopted else (execution.creation_date or time.time() * 1000) / 1000
-            latest = execution
+            execution: Execution | None = None
+            latest: Execution | None = None
+            # Every API call of the attempt counts against its deadline: the adoption lookup
+            # and the create as much as the polls and the download.
             try:
-                with anyio.fail_after(max(0.0, start_s + job.timeout_s - time.time())):
+                with anyio.fail_after(job.timeout_s) as attempt:
+                    execution, adopted = await self._adopt_or_create(job, rec, jl, export_id, adopt=adopt)
+                    adopt = False
+                    jl.extra = {**(jl.extra or {}), "execution_id": execution.id}
+                    if adopted:
+                        # An execution adopted from an interrupted run gets a whole timeout_s from
+                        # now: cutting it short would throw away the platform's work (and a
+                        # resumable part file). The lookup that found it was bounded all the same.
+                        attempt.deadline = anyio.current_time() + job.timeout_s
                     final = latest = await self._poll(job, rec, jl, export_id, execution)
                     if final.is_success:
                         try:
@@ -264,35 +301,45 @@ class Runner:
                                 raise
                             jl.warning("the adopted execution's file is gone: starting a new execution")
                             continue
+                    deadline = attempt.deadline
             except TimeoutError:
                 if rec.status is JobStatus.SUCCEEDED:
                     return  # the deadline fell after the file was complete and recorded
-                if not latest.is_final:
+                if execution is None:
+                    raise ExecutionTimeoutError(
+                        f"no execution could be adopted or created within timeout_s={job.timeout_s:g}"
+                    ) from None
+                if latest is None or not latest.is_final:
                     await self._cancel(export_id, execution.id, jl)
                 raise ExecutionTimeoutError(
                     f"execution {execution.id} did not finish within timeout_s={job.timeout_s:g}"
                 ) from None
-            await self._record_failure(job, rec, jl, final)
+            detail = await self._record_failure(job, rec, jl, final, deadline)
+            ended = f"execution {final.id} ended {final.raw_status}"
             if final.status not in RETRIED_STATUSES:
                 rec.status = JobStatus.CANCELLED
-                rec.error = f"execution {final.id} ended {final.raw_status}"
+                rec.error = self.api.scrub(f"{ended}: {detail}" if detail else ended)
                 return
             used = rec.attempts - budget_start
             if used > job.retries:
                 raise ExecutionFailedError(
-                    f"execution {final.id} ended {final.raw_status}; {used} attempt(s) used, no retries left"
+                    f"{ended}; {used} attempt(s) used, no retries left" + (f": {detail}" if detail else "")
                 )
             jl.warning(
-                "execution %s ended %s: retrying (%d of %d retries)",
+                "execution %s ended %s: retrying (%d of %d retries)%s",
                 final.id,
                 final.raw_status,
                 used,
                 job.retries,
+                f": {detail}" if detail else "",
                 extra={"event": "retry_execution"},
             )
 
-    async def _adopt_or_create(self, job: Job, rec: JobRecord, jl: JobLog, export_id: str, *, adopt: bool) -> Execution:
-        """The execution to follow: an earlier run's (once), a lost create's, or a new one."""
+    async def _adopt_or_create(
+        self, job: Job, rec: JobRecord, jl: JobLog, export_id: str, *, adopt: bool
+    ) -> tuple[Execution, bool]:
+        """The execution to follow: an earlier run's (once), a lost create's, or a new one;
+        and whether it was adopted from before this attempt (its timeout then restarts)."""
         if adopt and rec.execution_id:
             found = await self.api.find_execution(export_id, rec.execution_id)
             if found is not None and (found.is_success or not found.is_final):
@@ -302,9 +349,15 @@ class Runner:
                     found.raw_status,
                     extra={"event": "adopted", "execution_id": found.id},
                 )
-                return found
-        for _ in range(3):
+                return found, True
+        tries = max(CREATE_TRIES_MIN, self.api.retry.max_tries)
+        unknown: MicsExportError | None = None
+        for n in range(tries):
+            if unknown is not None:
+                await anyio.sleep(self.api.retry_wait(n - 1, unknown))
             if rec.creating_since is not None:
+                # A create whose outcome is unknown (this attempt's, or a killed run's): the
+                # platform may have made the execution. Look before making another.
                 lost = await self._find_lost_create(export_id, rec.creating_since)
                 if lost is not None:
                     jl.info(
@@ -314,15 +367,23 @@ class Runner:
                     )
                     self._started(rec, lost)
                     self.writer.mark()
-                    return lost
+                    return lost, unknown is None
             rec.creating_since = int(time.time() * 1000)
             await self.writer.save()  # the intent is on disk before the POST
             try:
                 execution = await self.api.create_execution(export_id)
-            except ConnectError:
-                raise
-            except TransportError as exc:
-                jl.warning("create-execution answer lost (%s): looking for it", exc)
+            except (TransientApiError, TransportError, MalformedResponseError) as exc:
+                # Nothing sent (a failed connect) or refused (429): the client already retried
+                # those; they end the attempt. Anything else (5xx, a timeout or reset after
+                # sending, an unreadable answer) may have created the execution.
+                if isinstance(exc, ConnectError) or getattr(exc, "status", None) == 429:
+                    raise
+                unknown = exc
+                jl.warning(
+                    "create-execution outcome unknown (%s): looking for it before creating again",
+                    exc,
+                    extra={"event": "create_unknown", "error": str(exc)},
+                )
                 continue
             self._started(rec, execution)
             self.writer.mark()  # the intent already on disk covers this window (see README)
@@ -335,8 +396,11 @@ class Runner:
                     "attempt": rec.attempts,
                 },
             )
-            return execution
-        raise TransportError(f"could not create an execution of export {export_id}: answers lost 3 times")
+            return execution, False
+        raise JobError(
+            f"could not create an execution of export {export_id}: the outcome was unknown {tries} times "
+            f"and no execution appeared (last: {unknown})"
+        )
 
     def _started(self, rec: JobRecord, execution: Execution) -> None:
         if rec.execution_id and rec.execution_id != execution.id:
@@ -425,11 +489,15 @@ class Runner:
             self.writer.mark()
 
     async def _download(self, job: Job, rec: JobRecord, jl: JobLog, export_id: str, execution: Execution) -> None:
+        dest = self.output_dir / output_name(job.name, job.compression)
+        # A part file is ours to resume only if the manifest recorded this very execution's
+        # download (a killed run): anything else under its name was planted or is stale.
+        resume = rec.execution_id == execution.id and rec.status in (JobStatus.DOWNLOADING, JobStatus.SUCCEEDED)
+        ours_at_dest = rec.status is JobStatus.SUCCEEDED and rec.path == dest.name
         rec.status = JobStatus.DOWNLOADING
         live = self.manifest.live_of(job.name)
         live.downloaded = 0
-        self.writer.mark()
-        dest = self.output_dir / output_name(job.name, job.compression)
+        await self.writer.save()  # on disk before the part file grows: what lets a rerun resume it
         started = time.monotonic()
 
         def progress(n: int) -> None:
@@ -443,6 +511,7 @@ class Runner:
             rec.bytes, rec.records, rec.sha256 = result.bytes, result.records, result.sha256
             rec.invalid_lines = result.stats.invalid_lines
             rec.invalid_line_numbers = list(result.stats.invalid_line_numbers)
+            rec.length_check = result.length_check
             await self.writer.save()
 
         result = await download(
@@ -452,12 +521,29 @@ class Runner:
             dest,
             compression=job.compression,
             tag=execution.id,
+            resume=resume,
             on_invalid=job.on_invalid,
             on_progress=progress,
             pool=self.pool,
             stale_tags=self._stale.pop(job.name, ()),
             before_rename=record,
+            max_line_bytes=job.max_line_bytes,
+            on_unverified_length=job.on_unverified_length,
         )
+        if result.replaced is not None:
+            (jl.info if ours_at_dest else jl.warning)(
+                "replaced %s that was already at %s%s",
+                result.replaced,
+                dest.name,
+                " (this job's earlier output)" if ours_at_dest else ", not written by mics-export",
+                extra={"event": "output_replaced"},
+            )
+        if result.length_check == "unverified":
+            jl.warning(
+                "the server stated no length and could not confirm the end of the file: kept as "
+                "on_unverified_length says (length_check: unverified in the manifest)",
+                extra={"event": "length_unverified"},
+            )
         elapsed = max(1e-9, time.monotonic() - started)
         jl.info(
             "SUCCEEDED: %d records, %d bytes in %.1fs (%.1f MB/s)%s",
@@ -493,24 +579,45 @@ class Runner:
                 extra={"event": "empty_result"},
             )
 
-    async def _record_failure(self, job: Job, rec: JobRecord, jl: JobLog, execution: Execution) -> None:
-        """Keep the FAILED execution's error file beside the outputs, when the API has one."""
-        rec.error = f"execution {execution.id} ended {execution.raw_status}"
+    async def _record_failure(
+        self, job: Job, rec: JobRecord, jl: JobLog, execution: Execution, deadline: float
+    ) -> str | None:
+        """Keep the FAILED execution's error file beside the outputs, when the API has one;
+        returns the platform's own error and the file's first line, as one line (or None).
+
+        Best effort, and bounded: ERROR_FILE_TIMEOUT_S and ERROR_FILE_MAX_BYTES at most, and
+        never past the attempt's ``deadline`` (anyio clock). The file and the line are the
+        server's text, so both are scrubbed of the token before they go anywhere.
+        """
+        parts = [execution.error_message] if execution.error_message else []
         org = job.organisation_id or execution.organisation_id
         if org and execution.status is ExecutionStatus.FAILED:
-            try:
-                text = await self.api.fetch_error_file(org, execution.id)
-            except MicsExportError as exc:
-                jl.warning("could not fetch the error file: %s", exc)
-                text = None
+            text: bytes | None = None
+            budget = min(ERROR_FILE_TIMEOUT_S, deadline - anyio.current_time())
+            if budget <= 0:
+                jl.warning("no time left in the attempt to fetch the error file: skipped")
+            else:
+                with anyio.move_on_after(budget) as scope:
+                    try:
+                        text = await self.api.fetch_error_file(org, execution.id, ERROR_FILE_MAX_BYTES)
+                    except MicsExportError as exc:
+                        jl.warning("could not fetch the error file: %s", exc)
+                if scope.cancelled_caught:
+                    jl.warning("the error file did not arrive within %.1fs: skipped", budget)
             if text is not None:
+                text = self.api.scrub(text)
                 name = f"{job.name}.error.txt"
                 await anyio.to_thread.run_sync(write_atomic, self.output_dir / name, text)
                 rec.error_file = name
                 first = text.decode("utf-8", "replace").strip().splitlines()[:1]
-                if first:
-                    rec.error += f": {first[0][:200]}"
+                line = " ".join(first[0].split())[:200] if first else ""
+                if line and all(line not in p for p in parts):
+                    parts.append(f"error file: {line}")
+        detail = self.api.scrub("; ".join(parts)) if parts else None
+        ended = f"execution {execution.id} ended {execution.raw_status}"
+        rec.error = f"{ended}: {detail}" if detail else ended
         self.writer.mark()
+        return detail
 
     async def _cancel(self, export_id: str, execution_id: str, jl: JobLog) -> None:
         """Best effort: the cancel endpoint is assumed, and its failure changes nothing."""
@@ -525,7 +632,7 @@ class Runner:
 def poll_waits(initial_s: float, max_s: float) -> Generator[float, Any, None]:
     """Seconds to wait before each poll (a ``backoff`` wait generator).
 
-    The n-th wait is ``uniform(0, min(max_s, initial_s * 2 ** n))`` (full jitter). Once
+    The n-th wait is ``uniform(0, min(max_s, initial_s * 2 ** min(n, 32)))`` (full jitter). Once
     the execution reports progress, the wait is its estimated time to finish instead
     (times ``uniform(1, 1.1)``, to land just after it, and no less than about
     ``initial_s``) or, when that is beyond ``max_s``, ``max_s`` times ``uniform(0.9, 1)``:
@@ -538,7 +645,9 @@ def poll_waits(initial_s: float, max_s: float) -> Generator[float, Any, None]:
     execution = yield 0.0  # backoff primes the generator; this value is unused
     while True:
         wait = random.uniform(0, min(max_s, initial_s * 2**n))
-        n += 1
+        # Capped: 2.0**1024 overflows, and a long execution polled every max_s reaches
+        # n = 1024 within hours; past the cap the draw is bounded by max_s anyway.
+        n = min(n + 1, POLL_MAX_EXPONENT)
         # Not started yet counts as 0 done: the first progress seen then gives a rate that
         # is too low (it started later), so a long first step — which is the right step.
         done = getattr(execution, "completed_tasks", None) or 0
@@ -598,20 +707,56 @@ def execute(options: RunOptions) -> int:
     if not options.simulate:
         token = read_token(job_file.api.token_env)
     base_url = job_file.base_url() if not options.simulate else ""
-    output_dir = job_file.output_dir(options.output_dir)
-    lock = _claim(output_dir)
-    live = options.progress == "on" or (options.progress == "auto" and sys.stderr.isatty())
-    from orchestrator.logs import setup_logging
+    from orchestrator.config import utc_today
 
-    setup_logging(
-        options.log_format,
-        options.verbosity,
-        secrets=[token] if token else [],
-        quiet=live,
-    )
-    plan = _Plan(options, job_file, jobs, shard, token, base_url, output_dir, live)
+    today = utc_today()  # one date for {date} and for retention, even across midnight
+    output_dir = job_file.output_dir(options.output_dir, today)
+    if shard is not None and options.output_dir is None:
+        from orchestrator.sharding import shard_folder
+
+        # Shards started at once must not share a folder: the second would fail on the
+        # lock, and they cannot share a manifest. An explicit --output-dir is used as given.
+        output_dir /= shard_folder(*shard)
+    lock = _claim(output_dir)
     try:
-        return anyio.run(_main, plan)
+        live = options.progress == "on" or (options.progress == "auto" and sys.stderr.isatty())
+        from orchestrator.logs import setup_logging
+
+        setup_logging(
+            options.log_format,
+            options.verbosity,
+            secrets=[token] if token else [],
+            quiet=live,
+        )
+        # Under the lock, so no other run is writing them; before the first request.
+        try:
+            removed = remove_stale_temp_files(output_dir)
+        except OSError as exc:
+            raise UsageError(f"cannot use output folder {output_dir}: {exc.strerror or exc}") from None
+        if removed:
+            log.info(
+                "removed %d temporary file(s) a killed run left: %s",
+                len(removed),
+                ", ".join(removed),
+                extra={"event": "temp_files_removed"},
+            )
+        if shard is not None and not jobs:
+            log.warning(
+                "shard %d/%d selects none of the %d job(s) of %s: nothing to do",
+                *shard,
+                len(job_file.select(options.only)),
+                options.jobs_file,
+                extra={"event": "empty_shard"},
+            )
+        previous = load_previous(output_dir / MANIFEST_NAME)  # a corrupt one is moved aside, loudly
+        plan = _Plan(options, job_file, jobs, shard, token, base_url, output_dir, live, previous)
+        code = anyio.run(_main, plan)
+        if code == EXIT_OK and job_file.run.keep_days is not None:
+            from orchestrator.retention import prune
+
+            # Only after a run that SUCCEEDED: a failed night keeps every earlier one.
+            prune(job_file.output_template(options.output_dir), job_file.run.keep_days, today, output_dir)
+        return code
     finally:
         os.close(lock)
 
@@ -625,14 +770,23 @@ def _claim(output_dir: Path) -> int:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(output_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise UsageError(f"cannot use output folder {output_dir}: {exc.strerror or exc}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise UsageError(f"another mics-export run is using {output_dir}: wait for it, or use another folder") from None
-    return fd
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise UsageError(f"cannot use output folder {output_dir}: {getattr(exc, 'strerror', None) or exc}") from None
+    # A few tries over half a second: `mics-export status` takes the lock shared for an
+    # instant to see whether a run is alive, and must never make a starting run fail.
+    for attempt in range(CLAIM_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError:
+            if attempt + 1 < CLAIM_TRIES:
+                time.sleep(CLAIM_WAIT_S)
+    os.close(fd)
+    raise UsageError(f"another mics-export run is using {output_dir}: wait for it, or use another folder") from None
+
+
+CLAIM_TRIES = 25
+CLAIM_WAIT_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -647,6 +801,8 @@ class _Plan:
     base_url: str
     output_dir: Path
     live: bool
+    previous: Manifest | None = None
+    """The manifest an earlier run into this folder left (what this run resumes)."""
 
 
 async def _main(plan: _Plan) -> int:
@@ -677,7 +833,7 @@ async def _main(plan: _Plan) -> int:
         )
         workers = default_workers() if options.workers is None else options.workers
         pool = await stack.enter_async_context(validator_pool(workers)) if workers > 0 else None
-        previous = Manifest.load(output_dir / MANIFEST_NAME)
+        previous = plan.previous
         manifest = Manifest()
         runner = Runner(
             jobs,
@@ -700,6 +856,8 @@ async def _main(plan: _Plan) -> int:
             extra={"event": "run_started", "run_id": manifest.run_id},
         )
         received: list[signal.Signals] = []
+        crashed: BaseException | None = None
+        manifest_written = True
         view = None
         if plan.live:
             from orchestrator.progress import ProgressView
@@ -726,22 +884,62 @@ async def _main(plan: _Plan) -> int:
 
                 tg.start_soon(watch_signals)
                 tg.start_soon(work)
+        except BaseException as exc:
+            crashed = exc  # reported by the CLI as one line; here only the manifest's last word
+            raise
         finally:
-            if received or manifest.status is RunStatus.RUNNING:
+            if received or _is_interrupt(crashed):
                 manifest.status = RunStatus.INTERRUPTED
+            elif manifest.status is RunStatus.RUNNING:
+                # Only an error can end the run before runner.run() returns: a failed run,
+                # whose in-flight jobs keep their execution ids for a rerun to adopt.
+                manifest.status = RunStatus.FAILED
+            elif manifest.status is RunStatus.SUCCEEDED and runner.writer.required_failures:
+                manifest.status = RunStatus.FAILED  # a step was skipped for want of a manifest write
             manifest.finished_at = now_iso()
+            manifest.exit_code = _exit_code(manifest.status, received, crashed)
             try:
                 runner.writer.save_now()
-            except OSError as exc:
-                log.error("cannot write %s: %s", runner.writer.path, exc, extra={"event": "manifest_failed"})
+            except ManifestWriteError:
+                # Already logged by the writer. The file on disk is behind (it may still say
+                # RUNNING): never exit 0 on it.
+                manifest_written = False
+                log.error(
+                    "%s is behind this run (the last write failed): the run fails",
+                    runner.writer.path,
+                    extra={"event": "manifest_behind"},
+                )
             if view is not None:
                 view.__exit__(None, None, None)
                 view.summary(str(output_dir / MANIFEST_NAME))
+        if not manifest_written and manifest.status is RunStatus.SUCCEEDED:
+            manifest.status = RunStatus.FAILED  # what the report and the metrics say
         _report(manifest, jobs)
         await _push_metrics(options.metrics_pushgateway, manifest, plan.shard)
     if received:
         return EXIT_SIGNAL[received[0]]
-    return EXIT_OK if manifest.status is RunStatus.SUCCEEDED else EXIT_FAILED
+    return EXIT_OK if manifest.status is RunStatus.SUCCEEDED and manifest_written else EXIT_FAILED
+
+
+def _exit_code(status: RunStatus, received: list[signal.Signals], crashed: BaseException | None) -> int:
+    """The code this run exits with (recorded in the manifest for ``mics-export status``)."""
+    from orchestrator.errors import EXIT_USAGE, single_error
+
+    if received:
+        return EXIT_SIGNAL[received[0]]
+    if _is_interrupt(crashed):
+        return 130
+    if crashed is not None:  # the CLI's code for the error that stopped the run
+        error = single_error(crashed) if isinstance(crashed, BaseExceptionGroup) else crashed
+        return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILED
+    return EXIT_OK if status is RunStatus.SUCCEEDED else EXIT_FAILED
+
+
+def _is_interrupt(exc: BaseException | None) -> bool:
+    """A Ctrl-C that arrived outside the signal receiver (before or after the run proper)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_is_interrupt(e) for e in exc.exceptions)
+    return isinstance(exc, KeyboardInterrupt)
 
 
 def _report(manifest: Manifest, jobs: tuple[Job, ...]) -> None:
@@ -753,7 +951,7 @@ def _report(manifest: Manifest, jobs: tuple[Job, ...]) -> None:
         "run %s %s: %s",
         manifest.run_id,
         manifest.status.value,
-        ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+        ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no job selected (an empty shard)",
         extra={"event": "run_finished", "status": manifest.status.value, "counts": counts},
     )
 

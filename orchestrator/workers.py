@@ -17,6 +17,12 @@ for validation whatever the files' sizes. Results are merged per download in bat
 order, so invalid line numbers are exact. Workers are plain ``python -m
 orchestrator.workers`` processes started with anyio (no multiprocessing), importing
 only orjson and :mod:`orchestrator.ndjson`.
+
+A line longer than ``long_line_bytes`` (4 MiB) does not fit the ring's slots and would
+hold the GIL for seconds if parsed here (module docstring of :mod:`orchestrator.ndjson`):
+:func:`check_long_line` streams it to a one-shot child (``python -m orchestrator.workers
+--line``), which a cancellation (SIGTERM) kills at once. The same child checks the long
+lines of ``--workers 0``.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.ndjson import MAX_INVALID_LINE_NUMBERS, LineStats, check_lines
+from orchestrator.ndjson import MAX_INVALID_LINE_NUMBERS, LineStats, LineTooLongError, Verdict, check_lines, classify
 
 if TYPE_CHECKING:  # the worker processes must not pay for importing anyio
     import anyio
@@ -44,6 +50,10 @@ REQUEST = struct.Struct("<IIQ")  # slot offset, length, token
 RESPONSE = struct.Struct("<QIIIIH")  # token, slot, lines, blank, invalid, n numbers
 DEFAULT_SLOT_BYTES = 4 << 20
 """A slot holds one batch: a 1 MiB chunk plus a held-back line, with room to spare."""
+LONG_LINE_BYTES = 4 << 20
+"""Longer lines are checked in a child process: orjson parses ~20-200 MB/s holding the
+GIL, so a line this long blocks the event loop for at most ~0.2 s."""
+_VERDICTS: dict[bytes, Verdict] = {b"r": "record", b"b": "blank", b"i": "invalid"}
 
 
 def default_workers() -> int:
@@ -80,7 +90,48 @@ def _serve(fd: int, size: int) -> None:
         answers.flush()
 
 
+def _check_one_line() -> None:
+    """``--line``: read one line (no newline) on stdin, answer r, b or i on stdout."""
+    verdict = classify(sys.stdin.buffer.read())
+    sys.stdout.buffer.write(verdict[0].encode())
+    sys.stdout.buffer.flush()
+
+
 # -- the main process ------------------------------------------------------------------------
+async def check_long_line(pieces: list[bytes]) -> Verdict:
+    """The verdict on one long line (given in pieces), parsed by a one-shot child process.
+
+    The pieces are written to the child's stdin one by one (never joined here); the
+    list is emptied as they go, so the memory is given back as soon as possible. A
+    cancellation kills the child (anyio), so a SIGTERM never waits for a long parse.
+    """
+    import anyio
+
+    from orchestrator.errors import JobError
+
+    proc = await anyio.open_process(
+        [sys.executable, "-m", "orchestrator.workers", "--line"], stderr=None, start_new_session=True
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    answer = b""
+    try:
+        pieces.reverse()
+        while pieces:
+            await proc.stdin.send(pieces.pop())
+        await proc.stdin.aclose()
+        with contextlib.suppress(anyio.EndOfStream):
+            answer = await proc.stdout.receive(16)
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()  # cancelled: the parse must not outlive the run
+        with anyio.CancelScope(shield=True):
+            await proc.aclose()
+    if answer not in _VERDICTS or proc.returncode != 0:
+        raise JobError(f"could not check a long line: its checking process exited with code {proc.returncode}")
+    return _VERDICTS[answer]
+
+
 def _ring_file(size: int) -> int:
     """An anonymous file for the ring, in RAM when /dev/shm is there: created private
     (mkstemp: O_EXCL, mode 0600) and unlinked at once, so nothing is left after a crash."""
@@ -121,9 +172,16 @@ class _Batches:
 class ValidatorPool:
     """N worker processes behind a shared-memory ring. Use :func:`validator_pool`."""
 
-    def __init__(self, workers: int, slot_bytes: int = DEFAULT_SLOT_BYTES, slots: int | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        slot_bytes: int = DEFAULT_SLOT_BYTES,
+        slots: int | None = None,
+        long_line_bytes: int = LONG_LINE_BYTES,
+    ) -> None:
         self.workers = workers
         self.slot_bytes = slot_bytes
+        self.long_line_bytes = long_line_bytes
         self.slots = slots or 2 * workers + 2
         self._tokens = itertools.count()
         self._owners: dict[int, tuple[_Batches, int, int, int]] = {}  # token → owner, seq, slot, worker
@@ -246,52 +304,120 @@ class ValidatorPool:
                 self._lost(index, exc)
             raise owner.error or exc from None
 
-    def checker(self, initial: LineStats | None = None, tail: bytes = b"") -> PooledChecker:
+    async def _submit_long(self, owner: _Batches, pieces: list[bytes]) -> None:
+        """One long line as a batch of its own, checked by a one-shot child process."""
+        if owner.error is not None:
+            raise owner.error
+        seq = owner.sent
+        owner.sent += 1
+        verdict = await check_long_line(pieces)
+        stats = LineStats(lines=1)
+        stats.settle(1, verdict)
+        owner.deliver(seq, stats)
+
+    def checker(
+        self, initial: LineStats | None = None, tail: bytes = b"", max_line_bytes: int | None = None
+    ) -> PooledChecker:
         """A checker for one download, optionally continuing from stats and a held-back tail."""
-        return PooledChecker(self, initial or LineStats(), tail)
+        return PooledChecker(self, initial or LineStats(), tail, max_line_bytes)
 
 
 class PooledChecker:
-    """Same results as :class:`~orchestrator.ndjson.LineChecker`, computed by the pool."""
+    """Same results as :class:`~orchestrator.ndjson.LineChecker`, computed by the pool.
 
-    def __init__(self, pool: ValidatorPool, initial: LineStats, tail: bytes) -> None:
+    The incomplete last line is held as a list of pieces (linear, see
+    :mod:`orchestrator.ndjson`); a line longer than the pool's ``long_line_bytes`` goes
+    to :func:`check_long_line` as a batch of its own, in order with the others.
+    """
+
+    def __init__(self, pool: ValidatorPool, initial: LineStats, tail: bytes, max_line_bytes: int | None) -> None:
         self.pool = pool
         self.batches = _Batches(initial)
-        self._tail = tail
+        self.max_line_bytes = max_line_bytes
+        self._pieces: list[bytes] = [tail] if tail else []
+        self._held = len(tail)
+
+    async def _too_long(self) -> LineTooLongError:
+        """The error for the held line: its number once the batches before it are merged."""
+        await self._wait()
+        assert self.max_line_bytes is not None
+        return LineTooLongError(self.batches.stats.lines + 1, self.max_line_bytes)
+
+    async def _hold(self, piece: bytes | memoryview) -> None:
+        self._held += len(piece)
+        if self.max_line_bytes is not None and self._held > self.max_line_bytes:
+            self._pieces = []  # the limit is there to bound memory: let go at once
+            raise await self._too_long()
+        if len(piece):
+            self._pieces.append(bytes(piece))
 
     async def feed(self, chunk: bytes) -> None:
-        """Send the complete lines of ``tail + chunk`` to the pool; keep the incomplete end."""
+        """Send the complete lines of held bytes + ``chunk`` to the pool; hold the incomplete end."""
         cut = chunk.rfind(b"\n") + 1
         if cut == 0:
-            self._tail += chunk
+            await self._hold(chunk)
             return
         view = memoryview(chunk)
-        parts = (self._tail, view[:cut]) if self._tail else (view[:cut],)
-        length = len(self._tail) + cut
-        self._tail = bytes(view[cut:])
+        first = chunk.find(b"\n")
+        if self.max_line_bytes is not None and (cut > self.max_line_bytes or self._held + first > self.max_line_bytes):
+            await self._check_lengths(chunk, cut)
+        if self._held + first > self.pool.long_line_bytes:
+            # The held line ends in this chunk and is too long for a slot or this process.
+            await self._hold(view[:first])
+            pieces, self._pieces, self._held = self._pieces, [], 0
+            await self.pool._submit_long(self.batches, pieces)
+            view, cut = view[first + 1 :], cut - first - 1
+            if cut == 0:
+                await self._hold(view)
+                return
+        parts: tuple[bytes | memoryview, ...] = (*self._pieces, view[:cut])
+        length = self._held + cut
+        self._pieces, self._held = [], 0
+        await self._hold(view[cut:])
         await self.pool._submit(self.batches, parts, length)
 
-    async def finish(self) -> LineStats:
-        """Check the final unterminated line, wait for every batch, return the merged stats."""
+    async def _check_lengths(self, chunk: bytes, cut: int) -> None:
+        """Raise for the first complete line of the chunk longer than max_line_bytes, if any."""
+        assert self.max_line_bytes is not None
+        start = 0
+        while start < cut:
+            end = chunk.find(b"\n", start, cut)
+            if end - start + (self._held if start == 0 else 0) > self.max_line_bytes:
+                before = chunk.count(b"\n", 0, start)
+                await self._wait()
+                raise LineTooLongError(self.batches.stats.lines + before + 1, self.max_line_bytes)
+            start = end + 1
+
+    async def _wait(self) -> None:
+        """Wait until every batch sent so far is merged (or one failed)."""
         import anyio
 
-        if self._tail:
-            tail, self._tail = self._tail, b""
-            await self.pool._submit(self.batches, (tail,), len(tail))
         if self.batches.merged < self.batches.sent and self.batches.error is None:
             self.batches.done = anyio.Event()
             await self.batches.done.wait()
         if self.batches.error is not None:
             raise self.batches.error
+
+    async def finish(self) -> LineStats:
+        """Check the final unterminated line, wait for every batch, return the merged stats."""
+        if self._pieces:
+            pieces, self._pieces, held, self._held = self._pieces, [], self._held, 0
+            if held > self.pool.long_line_bytes:
+                await self.pool._submit_long(self.batches, pieces)
+            else:
+                await self.pool._submit(self.batches, tuple(pieces), held)
+        await self._wait()
         return self.batches.stats
 
 
 @contextlib.asynccontextmanager
-async def validator_pool(workers: int, slot_bytes: int = DEFAULT_SLOT_BYTES) -> AsyncIterator[ValidatorPool]:
+async def validator_pool(
+    workers: int, slot_bytes: int = DEFAULT_SLOT_BYTES, long_line_bytes: int = LONG_LINE_BYTES
+) -> AsyncIterator[ValidatorPool]:
     """Start ``workers`` validation processes for the duration of the block."""
     import anyio
 
-    pool = ValidatorPool(workers, slot_bytes)
+    pool = ValidatorPool(workers, slot_bytes, long_line_bytes=long_line_bytes)
     async with anyio.create_task_group() as tg:
         try:
             await pool._start(tg)
@@ -302,7 +428,17 @@ async def validator_pool(workers: int, slot_bytes: int = DEFAULT_SLOT_BYTES) -> 
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]), int(sys.argv[2]))
+    if sys.argv[1:] == ["--line"]:
+        _check_one_line()
+    else:
+        _serve(int(sys.argv[1]), int(sys.argv[2]))
 
 
-__all__ = ["PooledChecker", "ValidatorPool", "default_workers", "validator_pool"]
+__all__ = [
+    "LONG_LINE_BYTES",
+    "PooledChecker",
+    "ValidatorPool",
+    "check_long_line",
+    "default_workers",
+    "validator_pool",
+]

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.ndjson import MAX_INVALID_LINE_NUMBERS, LineChecker, LineStats
+from orchestrator.ndjson import MAX_INVALID_LINE_NUMBERS, LineChecker, LineStats, classify
 from orchestrator.workers import validator_pool
 
 LINES = st.lists(
@@ -65,6 +65,38 @@ def test_any_chunking_gives_the_same_counts(lines: list[bytes], trailing_newline
     for chunk in chunked(data, cuts):
         checker.feed(chunk)
     assert checker.finish() == reference(data)
+
+
+LONG_LINES = st.lists(
+    st.one_of(
+        LINES.flatmap(lambda ls: st.just(b"".join(ls).replace(b"\n", b""))),
+        st.integers(min_value=0, max_value=400).map(lambda n: b'"' + b"x" * n + b'"'),  # long and valid
+        st.integers(min_value=0, max_value=400).map(lambda n: b"{" + b"y" * n),  # long and invalid
+        st.integers(min_value=0, max_value=400).map(lambda n: b" " * n),  # long and blank
+    ),
+    max_size=30,
+)
+
+
+@given(
+    lines=LONG_LINES,
+    trailing_newline=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0), max_size=40),
+    defer_over=st.integers(min_value=1, max_value=300),
+)
+def test_any_chunking_gives_the_same_counts_with_long_lines(
+    lines: list[bytes], trailing_newline: bool, cuts: list[int], defer_over: int
+) -> None:
+    """Lines held back over many chunks, or deferred for checking elsewhere, count exactly as in one piece."""
+    data = b"\n".join(lines) + (b"\n" if trailing_newline and lines else b"")
+    checker = LineChecker(max_line_bytes=1 << 20, defer_over=defer_over)
+    for chunk in chunked(data, cuts):
+        checker.feed(chunk)
+    stats = checker.finish()
+    for number, pieces in checker.take_deferred():
+        assert len(b"".join(pieces)) > defer_over
+        stats.settle(number, classify(b"".join(pieces)))
+    assert stats == reference(data)
 
 
 def test_first_hundred_invalid_line_numbers_are_kept() -> None:

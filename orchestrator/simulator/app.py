@@ -23,6 +23,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from email.utils import formatdate
 from typing import Any
 
 import orjson
@@ -500,20 +501,29 @@ def create_app(config: SimulatorConfig) -> web.Application:
             raise web.HTTPNotFound()
         result = exe.export.result()
         total = result.size
+        etag = result.etag
+        end_ms = exe.creation_date + int(state.status_of(exe).get("duration") or 0)
+        last_modified = formatdate(end_ms / 1000, usegmt=True)
         start = 0
         match = _RANGE.match(request.headers.get("Range", ""))
-        if match and not faults.ignore_range:
+        if_range = request.headers.get("If-Range")
+        # RFC 9110 §13.1.5: a Range is honoured only if If-Range (when sent) still matches,
+        # by strong comparison of the ETag or an exact Last-Modified; else the whole file.
+        ranged = match is not None and not faults.ignore_range and if_range in (None, etag, last_modified)
+        if match and ranged:
             start = int(match.group(1))
             if start >= total:
                 # RFC 9110 §14.4: a range starting at or past the end is unsatisfiable; the
                 # 416 says the size, so a client that already has every byte knows it.
                 return _error(state, 416, "Requested Range Not Satisfiable", {"Content-Range": f"bytes */{total}"})
             state.stats.range_starts.append((exe.id, start))
-        resp = web.StreamResponse(status=206 if match and not faults.ignore_range else 200)
+        resp = web.StreamResponse(status=206 if ranged else 200)
         resp.content_type = "application/x-ndjson"
         resp.content_length = total - start
         if resp.status == 206:
             resp.headers["Content-Range"] = f"bytes {start}-{total - 1}/{total}"
+        resp.headers["ETag"] = etag
+        resp.headers["Last-Modified"] = last_modified
         resp.headers["Accept-Ranges"] = "bytes"
         state.downloads[exe.id] += 1
         state.stats.downloads_started[exe.id] += 1
