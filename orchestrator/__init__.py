@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from orchestrator._version import __version__
+from orchestrator._version import __version__ as __version__
 
 # Public names are loaded on first use (PEP 562), so that `python -m orchestrator.workers`
 # (the validation worker processes) imports orjson and nothing heavier.
@@ -33,11 +33,14 @@ _LAZY = {
     "JobStatus": "orchestrator.manifest",
     "LineChecker": "orchestrator.ndjson",
     "LineStats": "orchestrator.ndjson",
+    "MalformedResponseError": "orchestrator.errors",
     "Manifest": "orchestrator.manifest",
+    "ManifestWriteError": "orchestrator.manifest",
     "MicsExportError": "orchestrator.errors",
     "MissingTokenError": "orchestrator.errors",
     "NotFoundError": "orchestrator.errors",
     "Page": "orchestrator.models",
+    "PagingError": "orchestrator.errors",
     "RetryPolicy": "orchestrator.api",
     "RunOptions": "orchestrator.scheduler",
     "RunStatus": "orchestrator.manifest",
@@ -67,44 +70,4 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-__all__ = [
-    "ApiClient",
-    "ApiError",
-    "AuthError",
-    "ConfigError",
-    "ConnectError",
-    "DownloadResult",
-    "Execution",
-    "ExecutionFailedError",
-    "ExecutionStatus",
-    "ExecutionTimeoutError",
-    "Export",
-    "IncompleteBodyError",
-    "InvalidDataError",
-    "Job",
-    "JobError",
-    "JobFile",
-    "JobRecord",
-    "JobStatus",
-    "LineChecker",
-    "LineStats",
-    "Manifest",
-    "MicsExportError",
-    "MissingTokenError",
-    "NotFoundError",
-    "Page",
-    "RetryPolicy",
-    "RunOptions",
-    "RunStatus",
-    "Runner",
-    "Throttle",
-    "Timeouts",
-    "TransientApiError",
-    "TransportError",
-    "UsageError",
-    "__version__",
-    "download",
-    "execute",
-    "load_job_file",
-    "parse_job_file",
-]
+__all__ = sorted([*_LAZY, "__version__"])  # one list of names: derived, never hand-synced

@@ -9,7 +9,10 @@ The tree::
     ├── ApiError                    the API answered with an error envelope or status
     │   ├── AuthError               401 / 403: the token is wrong, expired or lacks rights
     │   ├── NotFoundError           404: unknown export, execution or file
-    │   └── TransientApiError       429 / 5xx: worth retrying (carries Retry-After)
+    │   ├── TransientApiError       429 / 5xx: worth retrying (carries Retry-After)
+    │   └── MalformedResponseError  a 2xx answer that cannot be read (names the field);
+    │       │                       retried like a transient error, then fails the job
+    │       └── PagingError         a list that never ends (same page again, page cap)
     ├── TransportError              the connection failed, timed out or was cut short
     │   ├── ConnectError            could not connect: nothing was sent
     │   └── IncompleteBodyError     a body shorter than its Content-Length
@@ -18,11 +21,15 @@ The tree::
         ├── ExecutionTimeoutError   the attempt outlived its timeout_s
         └── InvalidDataError        invalid lines with ``on_invalid: fail``
 
-Transient errors (:class:`TransientApiError`, :class:`TransportError`) are the ones the
-client retries; :func:`is_transient` is the single place that decides it.
+Transient errors (:class:`TransientApiError`, :class:`TransportError`,
+:class:`MalformedResponseError`) are the ones the client retries; :func:`is_transient` is
+the single place that decides it. A create-execution is the exception: only a 429 or a
+failed connect (nothing was sent) is retried blindly; any other failure leaves the
+outcome unknown, and the scheduler looks for the execution before creating another.
 
 No message built here ever contains the API token: errors are built from the API's
-answer (status, ``error``, ``error_id``) and from URLs, and URLs never carry the token.
+answer (status, ``error``, ``error_code``, ``error_id``, scrubbed of the token by the
+client) and from URLs, and URLs never carry the token.
 """
 
 from __future__ import annotations
@@ -54,9 +61,9 @@ class MissingTokenError(UsageError):
 class ApiError(MicsExportError):
     """The API answered with an error.
 
-    Carries the HTTP ``status``, the API's ``error`` message and ``error_id`` (support
-    asks for it), and the request's method and path (without the token, which is only
-    ever in a header).
+    Carries the HTTP ``status``, the API's ``error`` message, its ``error_code`` (when
+    the envelope has one) and ``error_id`` (support asks for it), and the request's
+    method and path (without the token, which is only ever in a header).
     """
 
     def __init__(
@@ -67,10 +74,12 @@ class ApiError(MicsExportError):
         *,
         method: str = "",
         path: str = "",
+        error_code: str | None = None,
     ) -> None:
         self.status = status
         self.error = error
         self.error_id = error_id
+        self.error_code = error_code
         self.method = method
         self.path = path
         super().__init__(self._describe())
@@ -80,8 +89,10 @@ class ApiError(MicsExportError):
         text = f"{where}HTTP {self.status}"
         if self.error:
             text += f" {self.error}"
-        if self.error_id:
-            text += f" (error_id {self.error_id})"
+        ids = [f"error_code {self.error_code}"] if self.error_code else []
+        ids += [f"error_id {self.error_id}"] if self.error_id else []
+        if ids:
+            text += f" ({', '.join(ids)})"
         return text
 
 
@@ -111,10 +122,45 @@ class TransientApiError(ApiError):
         *,
         method: str = "",
         path: str = "",
+        error_code: str | None = None,
         retry_after_s: float | None = None,
     ) -> None:
-        super().__init__(status, error, error_id, method=method, path=path)
+        super().__init__(status, error, error_id, method=method, path=path, error_code=error_code)
         self.retry_after_s = retry_after_s
+
+
+class MalformedResponseError(ApiError):
+    """A 2xx answer the client cannot read: not JSON, or ``field`` missing or of the wrong type.
+
+    The real API's typing is loose (NOTES.md), so the models accept every documented form;
+    what is left is a broken answer. It is retried like a transient error (a gateway may
+    have mangled one answer), then fails the one job that asked, never the run. The text
+    names the field and the JSON type found, never the value (the value is the server's,
+    and could echo anything).
+    """
+
+    def __init__(self, field: str, problem: str, *, status: int = 200, method: str = "", path: str = "") -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(status, None, None, method=method, path=path)
+
+    def _describe(self) -> str:
+        where = f"{self.method} {self.path}: " if self.method else ""
+        return f"{where}malformed answer (HTTP {self.status}): {self.field} {self.problem}"
+
+    def at(self, *, method: str, path: str, status: int, prefix: str = "") -> MalformedResponseError:
+        """The same error, placed: the request it answered and the field's full path."""
+        field = f"{prefix}.{self.field}" if prefix and self.field else prefix or self.field
+        return MalformedResponseError(field, self.problem, status=status, method=method, path=path)
+
+
+class PagingError(MalformedResponseError):
+    """A list that would page forever: a page with no new ids (``first_result`` ignored),
+    or more pages than a lookup may read. Not retried: the walk would only repeat."""
+
+    def _describe(self) -> str:
+        where = f"{self.method} {self.path}: " if self.method else ""
+        return f"{where}{self.problem}"
 
 
 class TransportError(MicsExportError):
@@ -149,12 +195,12 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 """SPEC.md's exit codes: all succeeded; the run (or an API call) failed; usage error."""
 
 
-TRANSIENT: tuple[type[MicsExportError], ...] = (TransientApiError, TransportError)
-"""The errors worth retrying (429, 5xx, connection trouble): the client retries these."""
+TRANSIENT: tuple[type[MicsExportError], ...] = (TransientApiError, TransportError, MalformedResponseError)
+"""The errors worth retrying (429, 5xx, connection trouble, an unreadable answer)."""
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether a failed request is worth retrying (429, 5xx, connection trouble)."""
+    """Whether a failed request is worth retrying (429, 5xx, connection trouble, unreadable answer)."""
     return isinstance(exc, TRANSIENT)
 
 
@@ -199,9 +245,11 @@ __all__ = [
     "IncompleteBodyError",
     "InvalidDataError",
     "JobError",
+    "MalformedResponseError",
     "MicsExportError",
     "MissingTokenError",
     "NotFoundError",
+    "PagingError",
     "TransientApiError",
     "TransportError",
     "UsageError",

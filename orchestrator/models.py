@@ -2,16 +2,28 @@
 
 Dates are kept as the API sends them (epoch milliseconds) and ids as strings, whatever
 JSON type the API used, so that they are sent back exactly as shown.
+
+The real API's typing is loose (NOTES.md): counters may be numbers, strings or null,
+``error`` a string or ``{"message": ...}``, ``total`` missing. Everything optional is read
+leniently (a counter that is not a number is None, never a crash). What cannot be done
+without — an object where one is needed, a list where one is needed, an id — raises
+:class:`~orchestrator.errors.MalformedResponseError` naming the field; the client places
+it (request and field path) and retries it like a transient error.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
+
+from orchestrator.errors import MalformedResponseError
 
 log = logging.getLogger("orchestrator.models")
+T = TypeVar("T")
 
 
 class ExecutionStatus(StrEnum):
@@ -68,12 +80,88 @@ _FAILURE = frozenset(
 _warned_unknown: set[str] = set()
 
 
+def _kind(value: Any) -> str:
+    """The JSON type of ``value``, for an error message (never the value: it is the server's)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
 def _id(value: Any) -> str | None:
-    return None if value is None else str(value)
+    """An optional id as a string; None when absent or not an id (a list, an object...)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else None
+    if isinstance(value, (str, int)):
+        return str(value) or None
+    return None
+
+
+def required_id(data: dict[str, Any], key: str = "id") -> str:
+    """``data[key]`` as an id string; MalformedResponseError when missing or not an id."""
+    value = data.get(key)
+    found = _id(value)
+    if found is None:
+        raise MalformedResponseError(key, "is missing" if value in (None, "") else f"is {_kind(value)}, not an id")
+    return found
 
 
 def _int(value: Any) -> int | None:
-    return None if value is None else int(value)
+    """A counter or a date as an int: numbers, numeric strings ("12", "12.0"); else None.
+
+    NOTES.md: the official front end types the task counters as strings or null, and a
+    value like ``"n/a"`` must not fail a job: it reads as unknown.
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                return None
+            return int(number) if math.isfinite(number) else None
+    return None
+
+
+def require_object(value: Any, name: str = "data") -> dict[str, Any]:
+    """``value`` if it is a JSON object; MalformedResponseError naming ``name`` otherwise."""
+    if not isinstance(value, dict):
+        raise MalformedResponseError(name, f"is {_kind(value)}, not an object")
+    return value
+
+
+def error_text(error: Any, limit: int = 300) -> str | None:
+    """The platform's ``error`` as one short line: a string, or an object's ``message``."""
+    if error is None or error == "" or error == {}:
+        return None
+    if isinstance(error, dict):
+        for key in ("message", "error", "description", "detail"):
+            if isinstance(error.get(key), str) and error[key].strip():
+                error = error[key]
+                break
+    text = " ".join(str(error).split())
+    if not text:
+        return None
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +177,11 @@ class Export:
     output_format: str = "JSON"
 
     @classmethod
-    def from_api(cls, data: dict[str, Any]) -> Export:
-        """Build from the ``data`` object of the API's envelope."""
+    def from_api(cls, data: Any) -> Export:
+        """Build from the ``data`` object of the API's envelope (MalformedResponseError if unreadable)."""
+        data = require_object(data)
         return cls(
-            id=str(data["id"]),
+            id=required_id(data),
             name=str(data.get("name") or ""),
             organisation_id=_id(data.get("organisation_id")),
             query_id=_id(data.get("query_id")),
@@ -121,12 +210,14 @@ class Execution:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_api(cls, data: dict[str, Any]) -> Execution:
-        """Build from one execution object as the API shows it."""
-        result = data.get("result") or {}
+    def from_api(cls, data: Any) -> Execution:
+        """Build from one execution object as the API shows it (MalformedResponseError if unreadable)."""
+        data = require_object(data)
+        result = data.get("result")
+        files = result.get("output_files") if isinstance(result, dict) else None
         raw = str(data.get("status"))
         return cls(
-            id=str(data["id"]),
+            id=required_id(data),
             status=ExecutionStatus.parse(raw),
             raw_status=raw,
             creation_date=_int(data.get("creation_date")),
@@ -136,7 +227,9 @@ class Execution:
             completed_tasks=_int(data.get("completed_tasks")),
             erroneous_tasks=_int(data.get("erroneous_tasks")),
             organisation_id=_id(data.get("organisation_id")),
-            output_files=tuple(str(f) for f in (result.get("output_files") or ())),
+            output_files=tuple(str(f) for f in files if isinstance(f, (str, int)) and str(f))
+            if isinstance(files, list)
+            else (),
             error=data.get("error"),
             extra=data,
         )
@@ -150,6 +243,11 @@ class Execution:
     def is_success(self) -> bool:
         """The execution succeeded and has a result to download."""
         return self.status.is_success
+
+    @property
+    def error_message(self) -> str | None:
+        """The platform's error for this execution as one line (string or ``.message``)."""
+        return error_text(self.error)
 
     @property
     def technical_name(self) -> str:
@@ -173,5 +271,107 @@ class Page:
             return self.first_result + len(self.items) < self.total
         return len(self.items) >= self.max_results > 0
 
+    @classmethod
+    def from_api(cls, envelope: dict[str, Any], first: int, size: int, item: Callable[[Any], T] | None = None) -> Page:
+        """A page from a list envelope, as asked with ``first`` and ``size``; items built by ``item``.
 
-__all__ = ["Execution", "ExecutionStatus", "Export", "Page"]
+        ``data`` must be a list (null or missing: an empty page). ``total``, ``first_result``
+        and ``max_results`` are read leniently: a ``total`` of ``"lots"`` is no total, and a
+        paging key that is not a number is taken to be what was asked.
+        """
+        data = envelope.get("data")
+        if data is None:
+            data = []
+        if not isinstance(data, list):
+            raise MalformedResponseError("data", f"is {_kind(data)}, not a list")
+        items: list[Any] = []
+        for index, raw in enumerate(data):
+            if item is None:
+                items.append(raw)
+                continue
+            try:
+                items.append(item(raw))
+            except MalformedResponseError as exc:
+                field_ = f"data[{index}].{exc.field}" if exc.field != "data" else f"data[{index}]"
+                raise MalformedResponseError(field_, exc.problem) from None
+        first_result = _int(envelope.get("first_result"))
+        max_results = _int(envelope.get("max_results"))
+        total = _int(envelope.get("total"))
+        return cls(
+            items=tuple(items),
+            first_result=first_result if first_result is not None and first_result >= 0 else first,
+            max_results=max_results if max_results is not None and max_results > 0 else size,
+            total=total if total is not None and total >= 0 else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QueryCheck:
+    """The answer of ``query_check/otql``: VALID, or a parsing/validation error with where it is."""
+
+    type: str
+    message: str | None = None
+    position: str | None = None
+    """Where the problem is, as the platform put it (e.g. ``row 1, col 5``), when it said."""
+
+    @property
+    def is_valid(self) -> bool:
+        """The platform accepts the query."""
+        return self.type == "VALID"
+
+    def describe(self) -> str:
+        """One line: the type, the platform's message and the position when known."""
+        text = self.type
+        if self.message:
+            text += f": {self.message}"
+        if self.position:
+            text += f" (at {self.position})"
+        return text
+
+    @classmethod
+    def from_api(cls, data: Any) -> QueryCheck:
+        """Read leniently: the message may be ``message``, ``error`` (a string or an object)
+        or ``errors[...]``, and the position may be missing; only ``type`` (or some error) is needed."""
+        data = require_object(data)
+        kind = data.get("type")
+        errors: list[Any] = []
+        for key in ("error", "errors", "message"):
+            value = data.get(key)
+            errors += value if isinstance(value, list) else [value] if value not in (None, "", {}) else []
+        messages = [m for m in (error_text(e) for e in errors) if m]
+        position = _position(data)
+        for e in errors:
+            position = position or (_position(e) if isinstance(e, dict) else None)
+        if kind is None or kind == "":
+            if not messages:
+                raise MalformedResponseError("data.type", "is missing")
+            kind = "INVALID"
+        if not isinstance(kind, str):
+            raise MalformedResponseError("data.type", f"is {_kind(kind)}, not a string")
+        message = error_text("; ".join(dict.fromkeys(messages[:3]))) if messages else None
+        return cls(type=kind.strip().upper(), message=message, position=position)
+
+
+def _position(holder: dict[str, Any]) -> str | None:
+    """``position: {row, col}`` (or line/column, or those keys on ``holder`` itself) as text."""
+    where = holder.get("position")
+    if isinstance(where, str) and where.strip():
+        return error_text(where, 60)
+    source = where if isinstance(where, dict) else holder
+    row = _int(source.get("row", source.get("line")))
+    col = _int(source.get("col", source.get("column")))
+    if row is None and col is None:
+        return None
+    return ", ".join(p for p in (f"row {row}" if row is not None else "", f"col {col}" if col is not None else "") if p)
+
+
+__all__ = [
+    "Execution",
+    "ExecutionStatus",
+    "Export",
+    "Page",
+    "QueryCheck",
+    "error_text",
+    "require_object",
+    "required_id",
+]

@@ -8,7 +8,8 @@ Naming and reuse rules (also in the README):
 
 - the export the tool owns for job NAME is the organisation's export named
   ``api.query_export_prefix + NAME`` (default prefix ``mics-export:``);
-- none: check the query, create it, create the export;
+- none: check the query (``query_check/otql``: checked, never run), create it, create
+  the export;
 - one whose query (datamart and text) equals the job's: reused as is;
 - one whose query differs, or is gone (404): the job's text is checked, a new query is created and the
   export is pointed at it (PUT). The old query is left alone: earlier executions refer
@@ -22,7 +23,7 @@ from typing import Any
 
 from orchestrator.api import ApiClient
 from orchestrator.config import Job
-from orchestrator.errors import ApiError, JobError, NotFoundError
+from orchestrator.errors import ApiError, JobError, MalformedResponseError, NotFoundError
 from orchestrator.models import Export
 
 
@@ -32,14 +33,26 @@ def export_name(prefix: str, job_name: str) -> str:
 
 
 async def _check(api: ApiClient, datamart_id: str, text: str) -> None:
+    """Check the query without running it (``query_check/otql``); JobError for a bad one.
+
+    The platform's verdict (PARSING_ERROR / VALIDATION_ERROR with its message and
+    position) or its 4xx answer is the job's error. A 5xx, a 429 or a refused token is
+    raised as is: that is about the API, not the query.
+    """
     try:
-        await api.check_query(datamart_id, text)
+        check = await api.check_query(datamart_id, text)
+    except MalformedResponseError:
+        raise  # an unreadable answer says nothing about the query
     except ApiError as exc:
         if exc.status >= 500 or exc.status in (401, 403, 429):
             raise
         detail = exc.error or f"HTTP {exc.status}"
-        suffix = f" (error_id {exc.error_id})" if exc.error_id else ""
+        ids = [f"error_code {exc.error_code}"] if exc.error_code else []
+        ids += [f"error_id {exc.error_id}"] if exc.error_id else []
+        suffix = f" ({', '.join(ids)})" if ids else ""
         raise JobError(f"the API rejected the query: {detail}{suffix}") from None
+    if not check.is_valid:
+        raise JobError(f"the API rejected the query: {check.describe()}")
 
 
 async def ensure_query_export(

@@ -7,11 +7,12 @@ provokes is checked the same way (message, repr, traceback, chained causes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -25,17 +26,33 @@ from conftest import (
     sim_config,
     wait_until,
 )
+from hostile import (
+    Forward,
+    Handler,
+    HostileServer,
+    Request,
+    Wire,
+    html_wire,
+    is_create,
+    is_error_file,
+    is_executions_list,
+    json_wire,
+    passthrough,
+)
 
-from orchestrator.api import ApiClient, RetryPolicy
+from orchestrator.api import ApiClient, RetryPolicy, Throttle, _error_from, _Secret
 from orchestrator.errors import (
     ApiError,
     AuthError,
     IncompleteBodyError,
+    MalformedResponseError,
     NotFoundError,
+    PagingError,
     TransientApiError,
     TransportError,
 )
-from orchestrator.models import Execution, ExecutionStatus, Export, Page
+from orchestrator.models import Execution, ExecutionStatus, Export, Page, QueryCheck
+from orchestrator.scheduler import poll_waits
 from orchestrator.simulator import Faults, Simulator
 
 pytestmark = pytest.mark.anyio
@@ -144,19 +161,36 @@ async def test_create_query_export_and_update() -> None:
 
 
 async def test_check_query_good_and_bad() -> None:
-    """check_query passes a valid OTQL query and raises the API's 400 message and error_id for a bad one."""
+    """check_query uses query_check/otql (never runs the query): VALID, or the platform's message and position."""
     async with Simulator(sim_config()) as sim, client(sim) as api:
-        assert isinstance(await api.check_query(DATAMART, "SELECT {id} FROM UserPoint"), dict)
+        good = await api.check_query(DATAMART, "SELECT {id} FROM UserPoint")
+        assert good == QueryCheck("VALID") and good.is_valid
+        bad = await api.check_query(DATAMART, "SELEC {id FROM UserPoint")
+        assert not bad.is_valid and bad.type == "PARSING_ERROR"
+        assert bad.message == "mismatched input: expected SELECT ... FROM ..."
+        assert bad.position == "row 1, col 1"
+        assert bad.describe() == "PARSING_ERROR: mismatched input: expected SELECT ... FROM ... (at row 1, col 1)"
+        unbalanced = await api.check_query(DATAMART, "SELECT {id FROM UserPoint")
+        assert (unbalanced.type, unbalanced.message, unbalanced.position) == (
+            "PARSING_ERROR",
+            "unbalanced braces",
+            "row 1, col 8",
+        )
+        assert sim.stats.requests["queries.check"] == 3
+        assert sim.stats.requests["queries.run"] == 0  # checking never runs the query
+
+
+async def test_check_query_refused_by_the_api_keeps_status_code_and_id() -> None:
+    """A 4xx answer to the check is an ApiError with the API's message, error_code and error_id, not retried."""
+    async with Simulator(sim_config()) as sim, client(sim) as api:
         with pytest.raises(ApiError) as caught:
-            await api.check_query(DATAMART, "SELEC {id FROM UserPoint")
+            await api.check_query(DATAMART, None)  # type: ignore[arg-type]
         exc = caught.value
-        assert type(exc) is ApiError
-        assert exc.status == 400
-        assert exc.error is not None and "Invalid OTQL" in exc.error
+        assert type(exc) is ApiError and exc.status == 400
         uuid.UUID(exc.error_id or "")
-        assert exc.error in str(exc) and exc.error_id in str(exc)
+        assert exc.error is not None and exc.error in str(exc) and exc.error_id in str(exc)
         assert_no_token(exc)
-        assert sim.stats.requests["queries.check"] == 2  # a 400 is final: no retry
+        assert sim.stats.requests["queries.check"] == 1  # a 400 is final: no retry
 
 
 # -- executions ----------------------------------------------------------------------------------
@@ -355,18 +389,35 @@ async def test_retry_after_is_honoured() -> None:
 
 
 async def test_5xx_is_retried_until_success() -> None:
-    """Calls answered 500/502/503 are retried and succeed, creating exactly one execution per call."""
+    """Reads answered 500/502/503 are retried until they succeed."""
     faults = Faults(rate_5xx=0.5, seed=1)
     async with (
         Simulator(sim_config(fast_spec("1", pending_s=60), faults=faults)) as sim,
         client(sim, retry=RetryPolicy(max_tries=30, base_s=0.001, max_wait_s=0.01)) as api,
     ):
         for _ in range(5):
-            await api.list_exports(ORG)
-        executions = [await api.create_execution("1") for _ in range(5)]
+            assert len(await api.list_exports(ORG)) == 1
+        assert await api.get_export("1", ORG) == Export("1", "export-1", ORG, "65987", DATAMART)
         assert sim.stats.faults["5xx"] > 0
-        assert sim.stats.executions_created["1"] == 5
-        assert len({e.id for e in executions}) == 5
+
+
+async def test_create_is_retried_only_when_nothing_can_have_been_created() -> None:
+    """create_execution retries a 429 but raises a 5xx at once: after a 5xx the execution may exist."""
+    async with (
+        Simulator(sim_config(fast_spec("1", pending_s=60), faults=Faults(rate_5xx=1.0))) as sim,
+        client(sim) as api,
+    ):
+        with pytest.raises(TransientApiError) as caught:
+            await api.create_execution("1")
+        assert caught.value.status in (500, 502, 503)
+        assert_no_token(caught.value)
+        assert sim.stats.requests["executions.create"] == 1  # not retried blindly
+    faults = Faults(rate_429=1.0, retry_after_s=0.001)
+    async with Simulator(sim_config(fast_spec("1"), faults=faults)) as sim, client(sim) as api:
+        with pytest.raises(TransientApiError) as caught:
+            await api.create_execution("1")
+        assert caught.value.status == 429
+        assert sim.stats.requests["executions.create"] == FAST_RETRY.max_tries  # refused: safe to retry
 
 
 @pytest.mark.parametrize(
@@ -505,3 +556,325 @@ async def test_token_not_in_client_repr() -> None:
         assert TOKEN not in str(api)
         assert TOKEN not in repr(api.__dict__)
         assert sim.url in repr(api)
+
+
+# -- a hostile server in front of the simulator (issue 10) ---------------------------------------
+@contextlib.asynccontextmanager
+async def hostile(sim: Simulator, handler: Handler) -> AsyncIterator[HostileServer]:
+    """The hostile proxy in front of ``sim`` on this test's event loop; a broken handler fails the test."""
+    server = HostileServer(sim.url, handler)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+    assert not server.errors, f"the hostile handler failed: {server.errors[0]!r}"
+
+
+def hostile_client(server: HostileServer, **kw: Any) -> ApiClient:
+    kw.setdefault("retry", FAST_RETRY)
+    return ApiClient(server.url, TOKEN, **kw)
+
+
+def same_page(kind: str) -> Handler:
+    """A list that ignores first_result: always the same five items, with a total far beyond."""
+
+    async def handler(req: Request, forward: Forward) -> Wire:
+        if req.method == "GET" and req.path.endswith(kind):
+            items = [{"id": str(i), "name": f"e{i}", "status": "RUNNING"} for i in range(5)]
+            return json_wire(200, {"status": "ok", "data": items, "count": 5, "total": 100_000, "first_result": 0})
+        return await passthrough(req, forward)
+
+    return handler
+
+
+def endless(kind: str) -> Handler:
+    """A list that honours first_result but never ends: new ids on every page, and "total": "lots"."""
+
+    async def handler(req: Request, forward: Forward) -> Wire:
+        if req.method == "GET" and req.path.endswith(kind):
+            first, size = int(req.query["first_result"]), int(req.query["max_results"])
+            items = [{"id": str(first + i), "name": "x", "status": "RUNNING"} for i in range(size)]
+            return json_wire(200, {"status": "ok", "data": items, "total": "lots", "first_result": first})
+        return await passthrough(req, forward)
+
+    return handler
+
+
+async def test_a_list_that_repeats_its_page_stops_at_the_second_page() -> None:
+    """Exports and executions lists that ignore first_result stop after 2 pages with an error that says so."""
+    for kind in ("/exports", "/executions"):
+        async with (
+            Simulator(sim_config(fast_spec("1"))) as sim,
+            hostile(sim, same_page(kind)) as server,
+            hostile_client(server) as api,
+        ):
+            with pytest.raises(PagingError) as caught:
+                if kind == "/exports":
+                    await api.list_exports(ORG, page_size=5)
+                else:
+                    await api.find_execution("1", "424242", page_size=5)
+            assert "the API kept returning the same page" in str(caught.value)
+            assert "stopped after 2 pages" in str(caught.value)
+            assert isinstance(caught.value, ApiError)  # a job's error: the run handles it
+            assert server.count(lambda r, kind=kind: r.path.endswith(kind)) == 2  # type: ignore[misc]
+
+
+async def test_a_list_that_never_ends_stops_at_the_page_cap() -> None:
+    """A list with ever new ids and "total": "lots" is read up to the cap (100 pages for find_execution), then stops."""
+    async with (
+        Simulator(sim_config(fast_spec("1"))) as sim,
+        hostile(sim, endless("/executions")) as server,
+        hostile_client(server) as api,
+    ):
+        with pytest.raises(PagingError) as caught:
+            await api.find_execution("1", "not-there")
+        assert "did not end after 100 pages" in str(caught.value)
+        assert server.count(is_executions_list) == 100
+    async with (
+        Simulator(sim_config(fast_spec("1"))) as sim,
+        hostile(sim, endless("/exports")) as server,
+        hostile_client(server) as api,
+    ):
+        with pytest.raises(PagingError):
+            _ = [e async for e in api.iter_exports(ORG, max_pages=7)]
+        assert server.count(lambda r: r.path == "/v1/exports") == 7
+
+
+async def test_total_that_is_not_a_number_pages_on_full_pages() -> None:
+    """ "total": "lots" is read as no total: the list is still read whole, with no crash and no extra page."""
+
+    async def lots(req: Request, forward: Forward) -> Wire:
+        reply = await forward()
+        if req.path == "/v1/exports":
+            return reply.with_json({**reply.json(), "total": "lots", "count": None})
+        return reply.wire()
+
+    specs = [fast_spec(str(300 + i), name=f"e{i}") for i in range(23)]
+    async with Simulator(sim_config(*specs)) as sim, hostile(sim, lots) as server, hostile_client(server) as api:
+        assert [e.id for e in await api.list_exports(ORG, page_size=5)] == [s.id for s in specs]
+        assert server.count(lambda r: r.path == "/v1/exports") == 5
+
+
+def rewrite_data(path_end: str, change: Any, *, method: str = "GET", times: int = 1_000_000) -> Handler:
+    """Forward, then replace the answer's ``data`` with ``change(data)`` (the first ``times`` answers)."""
+    seen = 0
+
+    async def handler(req: Request, forward: Forward) -> Wire:
+        nonlocal seen
+        reply = await forward()
+        if reply.status == 200 and req.method == method and req.path.endswith(path_end) and seen < times:
+            seen += 1
+            doc = reply.json()
+            return reply.with_json({**doc, "data": change(doc["data"])})
+        return reply.wire()
+
+    return handler
+
+
+async def test_malformed_answers_are_retried_then_name_the_field() -> None:
+    """data a list where an object belongs is retried max_tries times, then a MalformedResponseError naming data."""
+    async with (
+        Simulator(sim_config(fast_spec("1"))) as sim,
+        hostile(sim, rewrite_data("/exports/1", lambda d: [d])) as server,
+        hostile_client(server) as api,
+    ):
+        with pytest.raises(MalformedResponseError) as caught:
+            await api.get_export("1", ORG)
+        assert str(caught.value) == "GET /v1/exports/1: malformed answer (HTTP 200): data is a list, not an object"
+        assert sim.stats.requests["exports.get"] == FAST_RETRY.max_tries
+
+
+async def test_a_malformed_answer_once_is_retried_and_succeeds() -> None:
+    """One unreadable answer (an item without id) is retried like a 5xx, and the next good one is used."""
+
+    def drop_id(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in item.items() if k != "id"} for item in items]
+
+    async with (
+        Simulator(sim_config(fast_spec("1", pending_s=60))) as sim,
+        hostile(sim, rewrite_data("/executions", drop_id, times=1)) as server,
+        hostile_client(server) as api,
+    ):
+        created = await api.create_execution("1")
+        found = await api.find_execution("1", created.id)
+        assert found is not None and found.id == created.id
+        assert server.count(is_executions_list) == 2
+
+
+async def test_an_item_without_id_names_its_place_in_the_list() -> None:
+    """A list whose item lacks an id fails, after retries, naming data[i].id and the request."""
+
+    def drop_id(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in item.items() if k != "id"} for item in items]
+
+    async with (
+        Simulator(sim_config(fast_spec("1", pending_s=60))) as sim,
+        hostile(sim, rewrite_data("/executions", drop_id)) as server,
+        hostile_client(server) as api,
+    ):
+        created = await api.create_execution("1")
+        with pytest.raises(MalformedResponseError) as caught:
+            await api.find_execution("1", created.id)
+        assert caught.value.field == "data[0].id"
+        assert "GET /v1/exports/1/executions" in str(caught.value) and "data[0].id is missing" in str(caught.value)
+
+
+async def test_loose_counters_and_errors_are_accepted() -> None:
+    """Counters as strings ("12", "n/a", null) and error as an object are read without any error."""
+
+    def loosen(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {**i, "num_tasks": "12", "completed_tasks": "n/a", "erroneous_tasks": None, "error": {"message": "m"}}
+            for i in items
+        ]
+
+    async with (
+        Simulator(sim_config(fast_spec("1", pending_s=60))) as sim,
+        hostile(sim, rewrite_data("/executions", loosen)) as server,
+        hostile_client(server) as api,
+    ):
+        created = await api.create_execution("1")
+        found = await api.find_execution("1", created.id)
+        assert found is not None
+        assert (found.num_tasks, found.completed_tasks, found.erroneous_tasks, found.error_message) == (
+            12,
+            None,
+            None,
+            "m",
+        )
+
+
+async def test_a_create_answered_with_null_data_is_not_retried() -> None:
+    """A create whose 200 answer has data: null raises at once (the execution exists): never a second POST."""
+    async with (
+        Simulator(sim_config(fast_spec("1", pending_s=60))) as sim,
+        hostile(sim, rewrite_data("/executions", lambda d: None, method="POST")) as server,
+        hostile_client(server) as api,
+    ):
+        with pytest.raises(MalformedResponseError) as caught:
+            await api.create_execution("1")
+        assert "data is null, not an object" in str(caught.value)
+        assert server.count(is_create) == 1 and sim.stats.executions_created["1"] == 1
+
+
+async def test_a_200_that_is_not_json_is_malformed_and_retried() -> None:
+    """An HTML page with status 200 on an API call is retried, then fails naming the body, without a crash."""
+
+    async def html(req: Request, forward: Forward) -> Wire:
+        return html_wire(200) if req.path == "/v1/exports" else await passthrough(req, forward)
+
+    async with Simulator(sim_config()) as sim, hostile(sim, html) as server, hostile_client(server) as api:
+        with pytest.raises(MalformedResponseError) as caught:
+            await api.list_exports(ORG)
+        assert "the body is not JSON" in str(caught.value)
+        assert server.count(lambda r: r.path == "/v1/exports") == FAST_RETRY.max_tries
+
+
+def echo_token(status: int, padding: int, *, kind: str = "html") -> Handler:
+    """An error page for the exports list that echoes the Authorization header after ``padding`` characters."""
+
+    async def handler(req: Request, forward: Forward) -> Wire:
+        if req.path != "/v1/exports":
+            return await passthrough(req, forward)
+        echoed = "x" * padding + f" Authorization: {req.headers['authorization']} trailing text"
+        if kind == "json":
+            doc = {"status": "error", "error": echoed, "error_code": "BAD_REQUEST", "error_id": "e-1"}
+            return json_wire(status, doc)
+        return html_wire(status, f"<html><body>{echoed}</body></html>")
+
+    return handler
+
+
+@pytest.mark.parametrize("padding", [0, 150, 170, 185, 250])
+@pytest.mark.parametrize(("status", "kind"), [(400, "html"), (502, "html"), (400, "json")])
+async def test_an_error_echoing_the_token_is_scrubbed_before_it_is_cut(padding: int, status: int, kind: str) -> None:
+    """An error body echoing the token (anywhere, even across the 200-character cut) never shows any of it."""
+    async with (
+        Simulator(sim_config()) as sim,
+        hostile(sim, echo_token(status, padding, kind=kind)) as server,
+        hostile_client(server, retry=RetryPolicy(max_tries=2, base_s=0.001, max_wait_s=0.001)) as api,
+    ):
+        with pytest.raises(ApiError) as caught:
+            await api.list_exports(ORG)
+        exc = caught.value
+        assert_no_token(exc)
+        assert TOKEN[:6] not in str(exc), str(exc)  # not even the start of it, cut at the edge
+        assert len(exc.error or "") <= 201
+        if kind == "json":
+            assert exc.error_code == "BAD_REQUEST" and exc.error_id == "e-1"
+            assert "(error_code BAD_REQUEST, error_id e-1)" in str(exc)
+
+
+def test_a_cut_that_ends_in_the_start_of_the_token_loses_it() -> None:
+    """A text read in part (an error body, an error file) that ends in the start of the token drops it."""
+    exc = _error_from(502, b"<html>" + b"y" * 50 + TOKEN[:9].encode(), "GET", "/v1/x", None, _Secret(TOKEN))
+    assert TOKEN[:6] not in str(exc) and "***" in str(exc)
+    secret = _Secret(TOKEN)
+    assert secret.cut_bytes(b"abc" + TOKEN[:5].encode(), 100) == b"abc***"
+    assert secret.cut_bytes(b"abc" + TOKEN.encode() + b"xyz", 8) == b"abc***xy"
+    assert secret.cut_bytes(b"abc tok", 100) == b"abc tok"  # 3 characters prove nothing: kept
+
+
+async def test_error_envelope_fields_of_odd_types() -> None:
+    """An error that is an object ({"message": ...}) shows its message; odd error_code/error_id types do not crash."""
+
+    async def odd(req: Request, forward: Forward) -> Wire:
+        doc = {"status": "error", "error": {"message": "no such thing"}, "error_code": ["X"], "error_id": 42}
+        return json_wire(400, doc)
+
+    async with Simulator(sim_config()) as sim, hostile(sim, odd) as server, hostile_client(server) as api:
+        with pytest.raises(ApiError) as caught:
+            await api.get_export("1", ORG)
+        assert (caught.value.error, caught.value.error_code, caught.value.error_id) == ("no such thing", None, "42")
+
+
+async def test_error_file_echoing_the_token_is_scrubbed_even_at_the_cut() -> None:
+    """fetch_error_file never returns the token, even when its size limit cuts the token in two."""
+    limit = 1000
+
+    async def echo(req: Request, forward: Forward) -> Wire:
+        if is_error_file(req):
+            body = b"e" * (limit - 8) + req.headers["authorization"].encode() + b"\nmore\n"
+            return Wire(200, [("Content-Type", "text/plain")], body)
+        return await passthrough(req, forward)
+
+    async with Simulator(sim_config()) as sim, hostile(sim, echo) as server, hostile_client(server) as api:
+        data = await api.fetch_error_file(ORG, "1", limit_bytes=limit)
+        assert data is not None and TOKEN[:6].encode() not in data and len(data) == limit
+        whole = await api.fetch_error_file(ORG, "1", limit_bytes=10_000)
+        assert whole is not None and TOKEN.encode() not in whole and b"***\nmore" in whole
+
+
+async def test_query_check_message_echoing_the_token_is_scrubbed() -> None:
+    """The platform's message for a bad query is the server's text: a token in it is scrubbed."""
+
+    async def echo(req: Request, forward: Forward) -> Wire:
+        if "/query_check/" in req.path:
+            message = f"unexpected token near {req.headers['authorization']}"
+            return json_wire(200, {"status": "ok", "data": {"type": "PARSING_ERROR", "errors": [{"message": message}]}})
+        return await passthrough(req, forward)
+
+    async with Simulator(sim_config()) as sim, hostile(sim, echo) as server, hostile_client(server) as api:
+        check = await api.check_query(DATAMART, "SELECT {id} FROM UserPoint")
+        assert not check.is_valid and check.message == "unexpected token near ***" and check.position is None
+
+
+# -- waits that never overflow -------------------------------------------------------------------
+def test_poll_waits_never_overflow() -> None:
+    """poll_waits can be driven 5,000 times (hours of polling) without OverflowError, each wait within max_s."""
+    waits = poll_waits(1.0, 5.0)
+    next(waits)
+    for _ in range(5_000):
+        wait = waits.send(None)
+        assert 0.0 <= wait <= 5.0
+
+
+def test_retry_and_throttle_waits_never_overflow() -> None:
+    """The retry wait for a huge try number and the pause after 5,000 429s in a row stay within their caps."""
+    api = ApiClient("http://127.0.0.1:9", TOKEN, retry=RetryPolicy(max_wait_s=30.0))
+    assert all(0 <= api.retry_wait(n) <= 30.0 for n in (0, 10, 1_100, 10**6))
+    throttle = Throttle(max_pause_s=2.0)
+    for _ in range(5_000):
+        throttle.on_throttled(None)
+    assert throttle.pause_until - time.monotonic() <= 2.0

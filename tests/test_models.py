@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.models import Execution, ExecutionStatus, Export, Page
+from orchestrator.errors import MalformedResponseError
+from orchestrator.models import Execution, ExecutionStatus, Export, Page, QueryCheck
 
 # NOTES.md: the platform's job enum, with success and final-failure sets.
 SUCCESS = {"SUCCEEDED", "SUCCESS"}
@@ -180,3 +181,160 @@ def test_page_has_more(items: int, first: int, size: int, total: int | None, mor
     """A page says whether another follows, from total when the list has one, else from a full page."""
     page = Page(items=tuple(range(items)), first_result=first, max_results=size, total=total)
     assert page.has_more is more
+
+
+# -- loose typing (NOTES.md) and malformed answers -----------------------------------------------
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        *[(12, 12), ("12", 12), (" 12 ", 12), ("12.0", 12), (12.7, 12), (None, None), ("n/a", None), ("", None)],
+        *[(True, None), ([1], None), ({"n": 1}, None), (float("nan"), None), ("inf", None)],
+    ],
+)
+def test_counters_are_read_leniently(value: Any, parsed: int | None) -> None:
+    """A task counter that is a number or a numeric string is read; anything else ("n/a", a list) is None, no crash."""
+    e = Execution.from_api(
+        {**REFERENCE_EXECUTION, "num_tasks": value, "completed_tasks": value, "erroneous_tasks": value}
+    )
+    assert (e.num_tasks, e.completed_tasks, e.erroneous_tasks) == (parsed, parsed, parsed)
+
+
+def test_missing_counters_and_dates_are_none() -> None:
+    """Counters and dates that are absent read as None."""
+    e = Execution.from_api({"id": "1", "status": "RUNNING"})
+    assert (e.num_tasks, e.completed_tasks, e.creation_date, e.end_date) == (None, None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "problem"),
+    [
+        ({"status": "RUNNING"}, "id", "is missing"),
+        ({"id": None}, "id", "is missing"),
+        ({"id": ""}, "id", "is missing"),
+        ({"id": {"v": 1}}, "id", "is an object, not an id"),
+        ({"id": [1]}, "id", "is a list, not an id"),
+        ({"id": True}, "id", "is a boolean, not an id"),
+        (None, "data", "is null, not an object"),
+        ([{"id": "1"}], "data", "is a list, not an object"),
+    ],
+)
+def test_an_execution_without_a_usable_id_is_malformed(data: Any, field: str, problem: str) -> None:
+    """An execution or export without an id (or not an object) is a MalformedResponseError naming the field."""
+    for model in (Execution, Export):
+        with pytest.raises(MalformedResponseError) as caught:
+            model.from_api(data)
+        assert (caught.value.field, caught.value.problem) == (field, problem)
+        assert f"{field} {problem}" in str(caught.value)
+
+
+def test_malformed_text_never_quotes_the_value() -> None:
+    """The error names the field and the JSON type, never the server's value (it could echo anything)."""
+    with pytest.raises(MalformedResponseError) as caught:
+        Execution.from_api({"id": {"secret": "tok-SECRET-xyz"}})
+    assert "tok-SECRET" not in str(caught.value)
+
+
+def test_odd_result_shapes_are_read_leniently() -> None:
+    """result and output_files of unexpected types mean "no file names", not a crash."""
+    for result in ("export", ["export"], {"output_files": "export"}, {"output_files": [None, {"a": 1}, "x"]}):
+        e = Execution.from_api({"id": "1", "status": "SUCCEEDED", "result": result})
+        assert e.technical_name in ("export", "x")
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        ("Query failed", "Query failed"),
+        ({"message": "Query failed"}, "Query failed"),
+        ({"message": "line one\n  line two"}, "line one line two"),
+        ({"code": 3}, "{'code': 3}"),
+        (None, None),
+        ("", None),
+        ({}, None),
+        ("x" * 400, "x" * 299 + "…"),
+    ],
+)
+def test_execution_error_is_one_line_from_a_string_or_a_message(error: Any, message: str | None) -> None:
+    """The platform's error reads as one short line whether it is a string or {"message": ...}."""
+    assert Execution.from_api({"id": "1", "status": "FAILED", "error": error}).error_message == message
+
+
+def test_page_from_the_reference_list() -> None:
+    """A list envelope becomes a page of built items with its paging keys."""
+    env = {
+        "status": "ok",
+        "data": [{"id": "1"}, {"id": 2}],
+        "count": 2,
+        "total": 7,
+        "first_result": 4,
+        "max_results": 2,
+    }
+    page = Page.from_api(env, 4, 2, Execution.from_api)
+    assert [e.id for e in page.items] == ["1", "2"]
+    assert (page.first_result, page.max_results, page.total, page.has_more) == (4, 2, 7, True)
+
+
+@pytest.mark.parametrize("total", ["lots", None, [3], -1, "1e999"])
+def test_page_total_that_is_not_a_count_is_no_total(total: Any) -> None:
+    """A total of "lots" (or a list, or negative) is treated as absent: a full page may be followed by another."""
+    env = {"data": [1, 2], "total": total, "first_result": "zero", "max_results": None}
+    page = Page.from_api(env, 10, 2)
+    assert (page.total, page.first_result, page.max_results, page.has_more) == (None, 10, 2, True)
+
+
+def test_page_whose_data_is_an_object_is_malformed() -> None:
+    """data an object where a list belongs is a MalformedResponseError naming data; null data is an empty page."""
+    with pytest.raises(MalformedResponseError) as caught:
+        Page.from_api({"data": {"id": "1"}}, 0, 10)
+    assert str(caught.value) == "malformed answer (HTTP 200): data is an object, not a list"
+    assert Page.from_api({"data": None}, 0, 10).items == ()
+
+
+def test_page_names_the_malformed_item() -> None:
+    """An item without an id is named by its place in the list."""
+    with pytest.raises(MalformedResponseError) as caught:
+        Page.from_api({"data": [{"id": "1"}, {"status": "RUNNING"}]}, 0, 10, Execution.from_api)
+    assert caught.value.field == "data[1].id"
+
+
+@pytest.mark.parametrize(
+    ("data", "kind", "message", "position"),
+    [
+        ({"type": "VALID"}, "VALID", None, None),
+        (
+            {"type": "PARSING_ERROR", "error": {"message": "bad", "position": {"row": 1, "col": 5}}},
+            "PARSING_ERROR",
+            "bad",
+            "row 1, col 5",
+        ),
+        (
+            {"type": "VALIDATION_ERROR", "message": "no such field", "position": {"line": 2}},
+            "VALIDATION_ERROR",
+            "no such field",
+            "row 2",
+        ),
+        ({"type": "PARSING_ERROR", "error": "bad"}, "PARSING_ERROR", "bad", None),
+        (
+            {"type": "VALIDATION_ERROR", "errors": [{"message": "a", "row": 3, "col": 1}, "b"]},
+            "VALIDATION_ERROR",
+            "a; b",
+            "row 3, col 1",
+        ),
+        ({"type": "parsing_error"}, "PARSING_ERROR", None, None),
+        ({"error": "it broke"}, "INVALID", "it broke", None),
+    ],
+)
+def test_query_check_is_read_from_any_documented_shape(
+    data: Any, kind: str, message: str | None, position: str | None
+) -> None:
+    """The check's verdict, message and position are found wherever the answer puts them; no position is fine."""
+    check = QueryCheck.from_api(data)
+    assert (check.type, check.message, check.position) == (kind, message, position)
+    assert check.is_valid == (kind == "VALID")
+
+
+@pytest.mark.parametrize("data", [{}, {"type": 3}, None, "VALID"])
+def test_query_check_without_a_verdict_is_malformed(data: Any) -> None:
+    """A check answer with neither a type nor an error is malformed (it says nothing about the query)."""
+    with pytest.raises(MalformedResponseError):
+        QueryCheck.from_api(data)

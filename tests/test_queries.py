@@ -44,8 +44,9 @@ def _qjob(name: str, text: str, datamart_id: str = DATAMART) -> dict[str, Any]:
 
 
 def _api_message(text: str) -> str:
-    """The message the simulator's query check gives for an unparsable query."""
-    return f"Invalid OTQL query: cannot parse {text[:60]!r}"
+    """The verdict, message and position the simulator's query_check gives for BAD (no SELECT)."""
+    assert not text.startswith("SELECT ")
+    return "the API rejected the query: PARSING_ERROR: mismatched input: expected SELECT ... FROM ... (at row 1, col 1)"
 
 
 def _named(sim: SimulatorThread, name: str) -> list[ExportSpec]:
@@ -76,6 +77,7 @@ def test_first_run_creates_one_checked_query_and_one_export_per_query_job(tmp_pa
         assert stats.exports_created == 2
         assert stats.exports_updated == 0
         assert stats.requests["queries.check"] == 2
+        assert stats.requests["queries.run"] == 0  # a run checks its queries, never runs them
         out = tmp_path / "out"
         a = _check_query_job(sim, out, "active-emails", ACTIVE)
         v = _check_query_job(sim, out, "visitors", VISITORS)
@@ -130,6 +132,7 @@ def test_changed_text_creates_a_new_query_and_points_the_export_at_it(tmp_path: 
         stats = sim.stats
         assert (stats.queries_created, stats.exports_created, stats.exports_updated) == (2, 1, 1)
         assert stats.requests["queries.check"] == 2
+        assert stats.requests["queries.run"] == 0
         entry = _check_query_job(sim, out2, "active-emails", changed)
         assert entry["export_id"] == first["export_id"]
         assert entry["query_id"] != first["query_id"]
@@ -303,6 +306,7 @@ def test_check_queries_accepts_good_queries_and_creates_nothing(tmp_path: Path) 
         stats = sim.stats
         assert proc.returncode == 0, proc.stderr
         assert stats.requests["queries.check"] == 2
+        assert stats.requests["queries.run"] == 0  # checked, never run
         assert (stats.queries_created, stats.exports_created, stats.exports_updated) == (0, 0, 0)
         assert sum(stats.executions_created.values()) == 0
     assert "OK" in proc.stdout and "3 job(s)" in proc.stdout and "2 query(ies) checked" in proc.stdout
@@ -317,6 +321,7 @@ def test_check_queries_names_the_bad_job_and_quotes_the_api(tmp_path: Path) -> N
         stats = sim.stats
         assert proc.returncode == 1, proc.stderr
         assert stats.requests["queries.check"] == 2
+        assert stats.requests["queries.run"] == 0  # checked, never run
         assert (stats.queries_created, stats.exports_created, stats.exports_updated) == (0, 0, 0)
     problems = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(problems) == 1, proc.stderr
