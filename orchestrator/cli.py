@@ -1,15 +1,20 @@
 """The command line: argument parsing, exit codes and wiring. No business logic here.
 
 Exit codes (SPEC.md): 0 all selected jobs succeeded; 1 the run finished and a job did not
-(or an ops command failed at the API); 2 usage, job-file error or missing token, with
-nothing sent; 130 / 143 interrupted by SIGINT / SIGTERM.
+(or an ops command failed at the API, or an unexpected error stopped it); 2 usage,
+job-file error or missing token, with nothing sent; 130 / 143 interrupted by SIGINT / SIGTERM.
+
+No traceback reaches the user: :func:`main` turns any error into one line. An unexpected
+one (a bug) says so, and shows its traceback only at ``-vv``, scrubbed of the token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -21,9 +26,37 @@ import orjson
 from orchestrator._version import __version__
 from orchestrator.api import DEFAULT_BASE_URL, ApiClient
 from orchestrator.config import check_base_url, read_token
-from orchestrator.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MicsExportError, UsageError, single_error
+from orchestrator.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    MicsExportError,
+    MissingTokenError,
+    NotFoundError,
+    UsageError,
+    single_error,
+)
 
 T = TypeVar("T")
+
+_verbosity = 0
+"""``-v`` count of the command being run: decides whether an unexpected error's traceback shows."""
+
+_ID = re.compile(r"[0-9]+")
+
+
+def _id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An id argument: ASCII digits only (it goes into a request path, with the token beside it)."""
+    if value is not None and not _ID.fullmatch(value):
+        shown = repr(value if len(value) <= 40 else value[:40] + "...")
+        raise UsageError(f"{param.human_readable_name}: must be an id made of digits only, not {shown}")
+    return value
+
+
+def _max_workers() -> int:
+    from orchestrator.workers import default_workers
+
+    return 4 * default_workers()
 
 
 def _api_url(option: str | None) -> str:
@@ -34,9 +67,20 @@ def _api_url(option: str | None) -> str:
     return DEFAULT_BASE_URL
 
 
+def _token(variable: str = "MICS_API_TOKEN") -> str:
+    """The token for a command that has no ``--simulate``: its hint points at ``simulate`` instead."""
+    try:
+        return read_token(variable)
+    except MissingTokenError:
+        raise UsageError(
+            f"the API token is missing: set the environment variable {variable} (to try without a real "
+            "token, start `mics-export simulate` and export the MICS_API_URL and MICS_API_TOKEN it prints)"
+        ) from None
+
+
 def _ops(api_url: str | None, body: Callable[[ApiClient], Awaitable[T]]) -> T:
     """Run an ops command's coroutine with a client (token checked before any request)."""
-    token = read_token()
+    token = _token()
     from orchestrator.logs import setup_logging
 
     setup_logging("text", 0, secrets=[token], quiet=True)
@@ -52,23 +96,85 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A table on stdout: boxed and fitted to a terminal; elsewhere one unwrapped line per row.
+
+    In a pipe or a file no width applies: ``exports list | grep NAME`` must get whole rows,
+    so the title, a header and the rows are printed as aligned columns, however long.
+    """
+    cells = [["" if v is None else _CONTROL.sub(" ", str(v)) for v in row] for row in rows]
+    if not sys.stdout.isatty():
+        from rich.cells import cell_len
+
+        widths = [max([cell_len(c), *(cell_len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+        lines = [title] if title else []
+        for row in [list(columns), *cells]:
+            padded = (v + " " * (w - cell_len(v)) for v, w in zip(row, widths, strict=True))
+            lines.append("  ".join(padded).rstrip())
+        sys.stdout.write("\n".join(lines) + "\n")
+        return
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
     for col in columns:
         table.add_column(col, overflow="fold")
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
-    Console(soft_wrap=False).print(table)
+    for row in cells:
+        table.add_row(*row)
+    Console(soft_wrap=False, highlight=False).print(table, markup=False)
+
+
+def _tsv_value(value: Any) -> str:
+    """One TSV field: backslash, tab and line breaks escaped (``\\``, ``\\t``, ``\\n``, ``\\r``)."""
+    text = "" if value is None else str(value)
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _tsv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A header line, then one line per row; fields separated by tabs (for scripts)."""
+    lines = ["\t".join(columns), *("\t".join(_tsv_value(v) for v in row) for row in rows)]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _emit(fmt: str, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], data: Any) -> None:
+    """Print a listing as ``fmt`` says: a table, TSV (header + rows) or ``data`` as JSON."""
+    if fmt == "json":
+        _print_json(data)
+    elif fmt == "tsv":
+        _tsv(columns, rows)
+    else:
+        _table(title, columns, rows)
+
+
+def _format(fmt: str | None, as_json: bool) -> str:
+    """The output format from ``--format`` and its ``--json`` shortcut."""
+    if as_json and fmt not in (None, "json"):
+        raise UsageError(f"--json and --format {fmt} contradict each other: give one")
+    return "json" if as_json else (fmt or "table")
+
+
+def format_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--format table|tsv|json`` and ``--json`` (its shortcut), as ``fmt`` and ``as_json``."""
+    command = click.option("--json", "as_json", is_flag=True, help="Same as --format json.")(command)
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["table", "tsv", "json"]),
+        default=None,
+        help="table (the default): for people; in a pipe or a file, one whole line per row, "
+        "never wrapped. tsv: a header, then tab-separated rows. json: machine-readable.",
+    )(command)
 
 
 api_url_option = click.option(
     "--api-url", metavar="URL", help=f"API base URL [env MICS_API_URL; default {DEFAULT_BASE_URL}]"
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-org_option = click.option("--organisation-id", "organisation_id", required=True, metavar="ID")
+org_option = click.option("--organisation-id", "organisation_id", required=True, metavar="ID", callback=_id)
+export_id_argument = click.argument("export_id", callback=_id)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -84,7 +190,13 @@ def cli() -> None:
 @click.option("--output-dir", metavar="DIR", help="Override run.output_dir ({date} allowed).")
 @click.option("--concurrency", type=click.IntRange(min=1), help="Exports in flight at once.")
 @click.option("--only", multiple=True, metavar="NAME", help="Run only this job (repeat, or comma-separate).")
-@click.option("--shard", metavar="I/N", help="Run only shard I of N (0-based) by a stable hash of job names.")
+@click.option(
+    "--shard",
+    metavar="I/N",
+    help="Run only shard I of N (0-based) by a stable hash of job names. Without it, a Kubernetes "
+    "Indexed Job's JOB_COMPLETION_INDEX (I) and MICS_SHARD_COUNT (N) give the shard. Without "
+    "--output-dir, a shard writes into OUTPUT_DIR/shard-I-of-N/; a shard with no job exits 0.",
+)
 @click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
@@ -96,7 +208,8 @@ def cli() -> None:
     "--workers",
     type=click.IntRange(min=0),
     default=None,
-    help="Processes that validate lines [default: the CPUs available; 0: on the event loop].",
+    help="Processes that validate lines [default: the CPUs available; 0: on the event loop; "
+    "more than 4x the CPUs is refused (exit 2): they would only compete for the same cores].",
 )
 @click.option(
     "--metrics-pushgateway",
@@ -119,7 +232,12 @@ def run(
     verbose: int,
 ) -> int:
     """Run the exports of a job file and write results and manifest.json."""
+    global _verbosity
+    _verbosity = verbose
     from orchestrator.scheduler import RunOptions, execute
+
+    if workers is not None and workers > (limit := _max_workers()):
+        raise UsageError(f"--workers {workers}: at most {limit} (4x the {limit // 4} CPU(s) this process may use)")
 
     names = tuple(n.strip() for item in only for n in item.split(",") if n.strip())
     options = RunOptions(
@@ -154,7 +272,7 @@ def validate(jobs_file: Path, check_queries: bool) -> int:
     if check_queries and query_jobs:
         from orchestrator.queries import check_queries as check
 
-        token = read_token(job_file.api.token_env)
+        token = _token(job_file.api.token_env)
         base = job_file.base_url()
         failures = anyio.run(check, base, token, query_jobs)
         for name, message in failures:
@@ -252,29 +370,37 @@ def exports() -> None:
 @exports.command("list")
 @org_option
 @api_url_option
-@json_option
-def exports_list(organisation_id: str, api_url: str | None, as_json: bool) -> int:
+@format_options
+def exports_list(organisation_id: str, api_url: str | None, fmt: str | None, as_json: bool) -> int:
     """Every export of the organisation (all pages)."""
+    fmt = _format(fmt, as_json)
     items = _ops(api_url, lambda api: api.list_exports(organisation_id))
-    if as_json:
-        _print_json([{"id": e.id, "name": e.name, "query_id": e.query_id, "datamart_id": e.datamart_id} for e in items])
-    else:
-        _table(
-            f"{len(items)} export(s) in organisation {organisation_id}",
-            ("id", "name", "query id", "datamart id"),
-            [(e.id, e.name, e.query_id, e.datamart_id) for e in items],
-        )
+    _emit(
+        fmt,
+        f"{len(items)} export(s) in organisation {organisation_id}",
+        ("id", "name", "query_id", "datamart_id"),
+        [(e.id, e.name, e.query_id, e.datamart_id) for e in items],
+        [{"id": e.id, "name": e.name, "query_id": e.query_id, "datamart_id": e.datamart_id} for e in items],
+    )
     return EXIT_OK
 
 
 @exports.command("show")
-@click.argument("export_id")
+@export_id_argument
 @org_option
 @api_url_option
-@json_option
-def exports_show(export_id: str, organisation_id: str, api_url: str | None, as_json: bool) -> int:
+@format_options
+def exports_show(export_id: str, organisation_id: str, api_url: str | None, fmt: str | None, as_json: bool) -> int:
     """One export's definition."""
-    e = _ops(api_url, lambda api: api.get_export(export_id, organisation_id))
+    fmt = _format(fmt, as_json)
+
+    async def body(api: ApiClient) -> Any:
+        try:
+            return await api.get_export(export_id, organisation_id)
+        except NotFoundError as exc:
+            raise await _not_in_organisation(api, export_id, organisation_id, exc) from None
+
+    e = _ops(api_url, body)
     data = {
         "id": e.id,
         "name": e.name,
@@ -284,11 +410,27 @@ def exports_show(export_id: str, organisation_id: str, api_url: str | None, as_j
         "type": e.type,
         "output_format": e.output_format,
     }
-    if as_json:
-        _print_json(data)
-    else:
-        _table(f"export {e.id}", ("field", "value"), list(data.items()))
+    _emit(fmt, f"export {e.id}", ("field", "value"), list(data.items()), data)
     return EXIT_OK
+
+
+async def _not_in_organisation(
+    api: ApiClient, export_id: str, organisation_id: str, exc: NotFoundError
+) -> MicsExportError:
+    """The error for a 404 on an export: does it exist elsewhere (its executions are visible)?"""
+    from orchestrator.errors import ApiError, TransportError
+
+    try:
+        await api.list_executions(export_id, max_results=1)
+    except (ApiError, TransportError):
+        return MicsExportError(
+            f"export {export_id} not found in organisation {organisation_id} "
+            f"(check the export id and --organisation-id): {exc}"
+        )
+    return MicsExportError(
+        f"export {export_id} not found in organisation {organisation_id} (check --organisation-id): "
+        "the export exists, in another organisation"
+    )
 
 
 @cli.group()
@@ -297,7 +439,7 @@ def executions() -> None:
 
 
 @executions.command("list")
-@click.argument("export_id")
+@export_id_argument
 @click.option(
     "--limit",
     type=click.IntRange(min=1),
@@ -306,9 +448,10 @@ def executions() -> None:
     help="How many, newest first.",
 )
 @api_url_option
-@json_option
-def executions_list(export_id: str, limit: int, api_url: str | None, as_json: bool) -> int:
+@format_options
+def executions_list(export_id: str, limit: int, api_url: str | None, fmt: str | None, as_json: bool) -> int:
     """The newest executions of an export."""
+    fmt = _format(fmt, as_json)
 
     async def newest(api: ApiClient) -> list[Any]:
         out = []
@@ -319,12 +462,10 @@ def executions_list(export_id: str, limit: int, api_url: str | None, as_json: bo
         return out
 
     items = _ops(api_url, newest)
-    if as_json:
-        _print_json([e.extra for e in items])
-        return EXIT_OK
     from orchestrator.progress import format_ms
 
-    _table(
+    _emit(
+        fmt,
         f"newest {len(items)} execution(s) of export {export_id}",
         ("id", "status", "created", "duration", "tasks", "erroneous", "files"),
         [
@@ -339,13 +480,104 @@ def executions_list(export_id: str, limit: int, api_url: str | None, as_json: bo
             )
             for e in items
         ],
+        [e.extra for e in items],
     )
     return EXIT_OK
 
 
 @cli.command()
-@click.argument("export_id")
-@click.argument("execution_id")
+@export_id_argument
+@click.argument("execution_id", callback=_id)
+@api_url_option
+@json_option
+def cancel(export_id: str, execution_id: str, api_url: str | None, as_json: bool) -> int:
+    """Ask the platform to cancel an execution, and show its status afterwards.
+
+    Exit 0 when the platform accepted the request (the status shown says whether the
+    execution is CANCELED, still stopping, or had already finished); 1 when it refused it
+    (unknown execution, an API error).
+    """
+
+    from orchestrator.models import ExecutionStatus
+
+    async def body(api: ApiClient) -> Any:
+        await api.cancel_execution(export_id, execution_id)
+        return await api.find_execution(export_id, execution_id)
+
+    after = _ops(api_url, body)
+    status = after.raw_status if after is not None else None
+    cancel_status = after.extra.get("cancel_status") if after is not None else None
+    if as_json:
+        _print_json(
+            {
+                "export_id": export_id,
+                "execution_id": execution_id,
+                "accepted": True,
+                "status": status,
+                "cancel_status": cancel_status,
+            }
+        )
+        return EXIT_OK
+    if after is None:
+        shown = "it is not among the export's newest executions, so its status is unknown"
+    elif after.status is ExecutionStatus.CANCELED:
+        shown = f"it is now {status}"
+    elif after.is_final:
+        shown = f"it had already finished ({status}): nothing was cancelled"
+    else:
+        shown = f"it is now {status}" + (f" (cancel_status {cancel_status})" if cancel_status else "")
+    click.echo(f"cancel of execution {execution_id} of export {export_id} accepted by the platform: {shown}")
+    return EXIT_OK
+
+
+# -- status ------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("target", metavar="[DIR]", default=".", required=False)
+@format_options
+def status(target: str, fmt: str | None, as_json: bool) -> int:
+    """A run's summary from DIR/manifest.json (default: the current folder), finished or running.
+
+    Exits with the code the run had (recorded in its manifest) or would have: 0 SUCCEEDED,
+    1 FAILED, 130/143 interrupted by SIGINT/SIGTERM; 4 still running; 5 stopped without
+    recording how (killed, OOM); 2 no readable manifest there.
+    """
+    from rich.console import Console
+
+    from orchestrator.progress import job_notes, print_summary
+    from orchestrator.status import read_report
+
+    fmt = _format(fmt, as_json)
+    report = read_report(target)
+    manifest = report.manifest
+    if fmt == "json":
+        _print_json(report.as_dict())
+    elif fmt == "tsv":
+        _tsv(
+            ("job", "status", "attempts", "bytes", "records", "invalid_lines", "erroneous_tasks", "notes"),
+            [
+                (
+                    j.name,
+                    j.status.value,
+                    j.attempts,
+                    j.bytes,
+                    j.records,
+                    j.invalid_lines,
+                    j.erroneous_tasks,
+                    job_notes(j),
+                )
+                for j in manifest.jobs.values()
+            ],
+        )
+    else:
+        console = Console(highlight=False)
+        print_summary(manifest, list(manifest.jobs), console)
+        console.print(f"exit {report.exit_code}: {report.explanation}", soft_wrap=True, markup=False)
+    return report.exit_code
+
+
+@cli.command()
+@export_id_argument
+@click.argument("execution_id", callback=_id)
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @api_url_option
 @json_option
@@ -383,13 +615,43 @@ def download(export_id: str, execution_id: str, output: Path, api_url: str | Non
     return EXIT_OK
 
 
-def _report(exc: BaseException) -> int:
+def _report(exc: BaseException, group: BaseException | None = None) -> int:
+    """One line on stderr for ``exc`` (a group's chosen error); the exit code it means."""
+    from orchestrator.logs import redact
+
     if isinstance(exc, KeyboardInterrupt):
         return 130
-    if not isinstance(exc, MicsExportError):
-        raise exc
-    click.echo(f"mics-export: error: {exc}", err=True)
-    return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else EXIT_FAILED
+    if isinstance(exc, MicsExportError):
+        click.echo(f"mics-export: error: {_one_line(redact(str(exc)))}", err=True)
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
+    # A bug, or a failure nobody foresaw: still one line, never the token, exit 1. The
+    # manifest was already written on the way out (the run's own last write).
+    if _verbosity >= 2:
+        text = "".join(traceback.format_exception(group or exc))
+        sys.stderr.write(redact(_with_env_secrets(text)))
+        hint = "traceback above"
+    else:
+        hint = "run with -vv for the traceback"
+    message = _one_line(redact(_with_env_secrets(str(exc))))
+    click.echo(f"mics-export: error: unexpected {type(exc).__name__}: {message} ({hint})", err=True)
+    return EXIT_FAILED
+
+
+def _with_env_secrets(text: str) -> str:
+    """``text`` scrubbed of the default token variable's value too, in case the error came
+    before the token was read (and registered with the redactor)."""
+    from orchestrator.logs import redact
+
+    token = os.environ.get("MICS_API_TOKEN", "").strip()
+    return redact(text, [token]) if token else text
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    """Whitespace collapsed to single spaces, cut at ``limit`` characters (after scrubbing)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit] + "..."
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -408,15 +670,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.exceptions.Abort:
         code = 130
     except BaseExceptionGroup as group:  # a task group's wrapper around one real error
-        code = _report(single_error(group))
-    except UsageError as exc:
-        click.echo(f"mics-export: error: {exc}", err=True)
-        code = EXIT_USAGE
-    except MicsExportError as exc:
-        click.echo(f"mics-export: error: {exc}", err=True)
-        code = EXIT_FAILED
-    except KeyboardInterrupt:
-        code = 130
+        code = _report(single_error(group), group)
+    except BaseException as exc:  # the last resort: one line, never a traceback
+        code = _report(exc)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 

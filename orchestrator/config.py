@@ -12,6 +12,7 @@ beyond reading the file, and nothing talks to the API.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -32,23 +33,49 @@ from pydantic import (
 
 from orchestrator.errors import ConfigError, MissingTokenError, UsageError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+"""A job name, matched whole (fullmatch: ``$`` would let a trailing newline through)."""
+NAME_MAX_BYTES = 200
+"""The longest job name: the longest file named after it, ``.NAME.ndjson.zst.EXECUTIONID.part``,
+must stay under the 255 bytes most file systems allow in a name."""
+ID_RE = re.compile(r"[0-9]+")
+"""The API's ids are strings of ASCII digits; anything else would end up in a URL path."""
 
 
 def _as_id(value: Any) -> Any:
-    """IDs may be written as numbers or strings; they are kept as the strings the API shows."""
+    """IDs may be written as numbers or strings; they are kept as the strings the API shows.
+
+    Only ASCII digits pass: an id is put into request paths (with the token in a header),
+    so ``../../admin?x=1#`` must never get that far.
+    """
     if isinstance(value, bool):
         raise ValueError("must be an id (a number or a string of digits), not a boolean")
     if isinstance(value, int):
-        return str(value)
+        value = str(value)
     if isinstance(value, str) and value.strip():
-        return value.strip()
+        text = value.strip()
+        if not ID_RE.fullmatch(text):
+            raise ValueError(f"must be an id made of digits only, e.g. 9872, not {_show(text)}")
+        return text
     raise ValueError("must be a non-empty id")
 
 
+def _show(value: str, limit: int = 40) -> str:
+    """A user's value quoted for a one-line message: escaped, and cut when long."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def _not_bool(value: Any) -> Any:
+    """YAML's ``true`` is not the number 1: pydantic's lax mode would take it as one."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
 Id = Annotated[str, BeforeValidator(_as_id)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False), BeforeValidator(_not_bool)]
+PositiveInt = Annotated[int, Field(gt=0), BeforeValidator(_not_bool)]
+Count = Annotated[int, Field(ge=0), BeforeValidator(_not_bool)]
 
 
 class _Strict(BaseModel):
@@ -81,7 +108,7 @@ class Settings(_Strict):
     organisation_id: Id | None = None
     poll: Poll = Poll()
     timeout_s: PositiveFloat = 7200.0
-    retries: Annotated[int, Field(ge=0)] = 2
+    retries: Count = 2
     compression: Literal["none", "gzip", "zstd"] = "none"
     on_invalid: Literal["keep", "fail"] = "keep"
     stall_s: PositiveFloat | None = None
@@ -105,10 +132,15 @@ class Job(Settings):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not NAME_RE.match(value) or value in (".", ".."):
-            raise ValueError("must match [A-Za-z0-9._-]+ (it names the output file)")
+        if not NAME_RE.fullmatch(value) or value in (".", ".."):
+            raise ValueError(f"must match [A-Za-z0-9._-]+ (it names the output file), not {_show(value)}")
         if value.startswith("."):
             raise ValueError("must not start with '.' (hidden files are the tool's temporary files)")
+        if len(value.encode()) > NAME_MAX_BYTES:
+            raise ValueError(
+                f"is {len(value.encode())} bytes long; at most {NAME_MAX_BYTES} "
+                "(it names the output file and its temporary files)"
+            )
         return value
 
     @model_validator(mode="after")
@@ -142,27 +174,51 @@ class Api(_Strict):
     accept_gzip: bool = False
     """Ask for gzip on the wire: worth it only on links slower than ~100 MB/s."""
 
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        # Checked even when MICS_API_URL overrides it: a password in a job file is a
+        # mistake to report at once (validate included), not when the override goes away.
+        problem = _url_problem(value)
+        if problem is not None:
+            raise ValueError(f"{_safe_url(value)} {problem}")
+        return value
+
 
 class RunSettings(_Strict):
     """Run-wide settings."""
 
     output_dir: str = "./exports/{date}"
     concurrency: PositiveInt = 8
+    keep_days: PositiveInt | None = None
+    """After a run that SUCCEEDED, delete the run folders whose ``{date}`` is more than this
+    many days before the run's date (only with ``{date}`` in the output folder; see retention.py)."""
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, value: str) -> str:
+        if not value or "\0" in value:
+            raise ValueError("must be a folder path (not empty, no NUL character)")
+        return value
 
 
 class JobFile(_Strict):
     """The whole job file, version 1."""
 
-    version: Literal[1]
+    version: Annotated[Literal[1], BeforeValidator(_not_bool)]
     api: Api = Api()
     run: RunSettings = RunSettings()
     jobs: tuple[Job, ...]
     path: str = ""
 
+    def output_template(self, override: str | None = None) -> str:
+        """The output folder as written (``--output-dir`` wins over ``run.output_dir``), ``{date}`` unresolved."""
+        return override or self.run.output_dir
+
     def output_dir(self, override: str | None = None, today: dt.date | None = None) -> Path:
         """The output folder with ``{date}`` resolved (UTC)."""
-        template = override or self.run.output_dir
-        date = (today or dt.datetime.now(dt.UTC).date()).isoformat()
+        template = self.output_template(override)
+        date = (today or utc_today()).isoformat()
         return Path(template.replace("{date}", date))
 
     def base_url(self) -> str:
@@ -171,6 +227,14 @@ class JobFile(_Strict):
             return check_base_url(os.environ["MICS_API_URL"], "MICS_API_URL")
         return check_base_url(self.api.base_url, f"{self.path}: api.base_url")
 
+    def _valid(self, missing: list[str], limit: int = 20) -> str:
+        """The valid names for a message: close matches first, at most ``limit`` in all."""
+        names = [j.name for j in self.jobs]
+        close = list(dict.fromkeys(m for n in missing for m in difflib.get_close_matches(n, names, n=3)))
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        shown = ", ".join(names[:limit]) + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
+        return f"{hint}valid names: {shown}"
+
     def select(self, only: tuple[str, ...] = ()) -> tuple[Job, ...]:
         """The jobs named in ``only`` (all when empty); unknown names are an error."""
         if not only:
@@ -178,7 +242,8 @@ class JobFile(_Strict):
         known = {j.name for j in self.jobs}
         missing = [n for n in only if n not in known]
         if missing:
-            raise ConfigError(f"{self.path}: --only names unknown job(s): {', '.join(missing)}")
+            unknown = ", ".join(missing)
+            raise ConfigError(f"{self.path}: --only names unknown job(s): {unknown}; {self._valid(missing)}")
         return tuple(j for j in self.jobs if j.name in only)
 
 
@@ -190,7 +255,7 @@ def _loc(file: str, raw_jobs: Any, loc: tuple[int | str, ...]) -> str:
         name = None
         if isinstance(raw_jobs, list) and index < len(raw_jobs) and isinstance(raw_jobs[index], dict):
             name = raw_jobs[index].get("name")
-        who = f"job {name!r}" if name else f"job #{index + 1}"
+        who = f"job {_show(name, 60) if isinstance(name, str) else repr(name)}" if name else f"job #{index + 1}"
         key = ".".join(parts[2:])
         return f"{file}: {who}" + (f": {key}" if key else "")
     return f"{file}: " + ".".join(parts) if parts else file
@@ -248,21 +313,78 @@ def parse_job_file(data: Any, file: str = "<job file>") -> JobFile:
     return job_file
 
 
+def utc_today() -> dt.date:
+    """Today's UTC date: what ``{date}`` in the output folder stands for."""
+    return dt.datetime.now(dt.UTC).date()
+
+
 def read_token(variable: str = "MICS_API_TOKEN") -> str:
-    """The API token from the environment variable ``variable``; MissingTokenError if unset."""
+    """The API token from the environment variable ``variable``; MissingTokenError if unset.
+
+    Leading and trailing whitespace is dropped (a token pasted from a file keeps its
+    newline); any other control character, or a character outside ASCII, is a usage error
+    that never shows the token: it would otherwise go into a header as is.
+    """
     token = os.environ.get(variable, "").strip()
     if not token:
         raise MissingTokenError(variable)
-    if any(c in token for c in "\r\n\0"):
-        raise UsageError(f"the API token in {variable} contains a line break: check how it was set")
+    from orchestrator.logs import add_secret
+
+    add_secret(token)  # from now on, scrubbed from every line this process prints
+    for position, char in enumerate(token, 1):
+        if ord(char) < 0x20 or ord(char) == 0x7F:
+            raise UsageError(
+                f"the API token in {variable} contains a control character (U+{ord(char):04X} at "
+                f"position {position}): check how it was set"
+            )
+        if ord(char) > 0x7E:
+            raise UsageError(
+                f"the API token in {variable} contains a non-ASCII character (at position {position}): "
+                "check how it was set"
+            )
     return token
 
 
-def check_base_url(url: str, source: str = "the API URL") -> str:
-    """``url`` if it is an http(s) URL with a host; otherwise a one-line UsageError."""
-    parsed = urlsplit(url)
+_USERINFO = re.compile(r"(?<=//)[^/?#]*@")
+
+
+def _safe_url(url: str) -> str:
+    """``url`` for a message: any ``user:password@`` replaced, escaped, cut when long."""
+    return _show(_USERINFO.sub("***@", url), 80)
+
+
+def _url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as the API's base URL (never echoing it), or None."""
+    example = "e.g. https://api.mediarithmics.com"
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        return "contains spaces or control characters"
+    try:
+        parsed = urlsplit(url)
+        port = parsed.port  # raises ValueError when out of range or not a number
+    except ValueError as exc:
+        return f"is not a valid URL ({_USERINFO.sub('***@', str(exc))})"
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise UsageError(f"{source} {url!r} is not an http(s) URL with a host, e.g. https://api.mediarithmics.com")
+        return f"is not an http(s) URL with a host, {example}"
+    if "@" in parsed.netloc:
+        return "must not contain a user name or password (user:password@): the API token is the only credential"
+    if port == 0:
+        return "has port 0, which cannot be connected to"
+    if parsed.query or parsed.fragment or url.endswith(("?", "#")):
+        return f"must not have a query (?...) or fragment (#...), {example}"
+    return None
+
+
+def check_base_url(url: str, source: str = "the API URL") -> str:
+    """``url`` if it is an http(s) URL with a host; otherwise a one-line UsageError.
+
+    Refused as well: credentials in the URL (the token is the only credential, and a
+    password there would end up in logs), a bad port, a query or fragment (request paths
+    are appended to the URL), and control characters or spaces. No message echoes a
+    password.
+    """
+    problem = _url_problem(url)
+    if problem is not None:
+        raise UsageError(f"{source} {_safe_url(url)} {problem}")
     return url.rstrip("/")
 
 
@@ -282,6 +404,8 @@ def load_job_file(path: str | os.PathLike[str]) -> JobFile:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{file}: invalid YAML{where}: {problem}") from None
+    except RecursionError:  # PyYAML builds nested collections recursively
+        raise ConfigError(f"{file}: invalid YAML: nested too deeply") from None
     return parse_job_file(data, file)
 
 
@@ -298,4 +422,5 @@ __all__ = [
     "load_job_file",
     "parse_job_file",
     "read_token",
+    "utc_today",
 ]

@@ -17,6 +17,10 @@ from typing import Any, TextIO
 
 import orjson
 
+_SECRETS: set[str] = set()
+"""Every secret this process has read (the API token): scrubbed from every log line and
+from the CLI's last-resort error report, whichever formatter or handler prints it."""
+
 _STANDARD = set(logging.LogRecord("x", 0, "x", 0, "x", None, None).__dict__) | {
     "message",
     "asctime",
@@ -28,15 +32,36 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
+def add_secret(secret: str) -> None:
+    """Remember a secret so that :func:`redact` (and every log line) scrubs it from now on."""
+    if secret:
+        _SECRETS.add(secret)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every known secret (and ``secrets``) replaced by ``***``.
+
+    The JSON-escaped form is scrubbed too: a secret holding a quote or a backslash is
+    written escaped by the JSON formatter, and would otherwise slip through.
+    """
+    # Longest first: a secret that contains another must not be left half-scrubbed.
+    for secret in sorted(_SECRETS.union(s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+        escaped = orjson.dumps(secret).decode()[1:-1]
+        if escaped != secret:
+            text = text.replace(escaped, "***")
+    return text
+
+
 class _Redacting(logging.Formatter):
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
         self.secrets = [s for s in secrets if s]
+        for secret in self.secrets:
+            add_secret(secret)
 
     def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return redact(text, self.secrets)
 
     @staticmethod
     def fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -109,4 +134,4 @@ def setup_logging(
     return handler
 
 
-__all__ = ["JsonFormatter", "TextFormatter", "setup_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "add_secret", "redact", "setup_logging"]
