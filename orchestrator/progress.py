@@ -8,8 +8,11 @@ byte counts between two refreshes.
 from __future__ import annotations
 
 import datetime as dt
+import textwrap
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -117,40 +120,225 @@ class ProgressView:
         return Group(table, bar)
 
     def summary(self, where: str = "") -> None:
-        """Print the end-of-run table (``where``: the manifest's path, shown under it)."""
+        """Print the end-of-run summary (``where``: the manifest's path, shown under it)."""
         print_summary(self.manifest, self.names, self.console)
         if where:
-            self.console.print(f"results and manifest: {where}")
+            self.console.print(f"results and manifest: {where}", soft_wrap=True, markup=False, highlight=False)
+
+
+# -- the summary ---------------------------------------------------------------------------
+# Figures are never cut and no column is ever dropped: when a row does not fit the width,
+# the notes go under it, then the name goes on a line of its own above its figures, and on
+# the narrowest screens the figures wrap between (never inside) items.
+FIGURES = ("status", "attempts", "bytes", "records", "invalid")
+_RIGHT = frozenset({"attempts", "bytes", "records", "invalid"})
+_STATUSES = {s.value: s for s in JobStatus}
+_GAP = "  "
+_INDENT = "  "
+
+
+def job_notes(job: JobRecord) -> str:
+    """What went wrong or is worth a look for one job (error, erroneous tasks), one line."""
+    notes = " ".join((job.error or "").split())
+    if job.erroneous_tasks:
+        notes = (notes.rstrip(".") + "; " if notes else "") + f"{job.erroneous_tasks} erroneous tasks"
+    return notes
+
+
+def job_figures(job: JobRecord) -> dict[str, str]:
+    """A job's figures as the summary shows them (empty where there is nothing)."""
+    return {
+        "status": job.status.value,
+        "attempts": str(job.attempts),
+        "bytes": format_bytes(job.bytes),
+        "records": "" if job.records is None else f"{job.records:,}",
+        "invalid": str(job.invalid_lines or ""),
+    }
+
+
+def format_duration(seconds: float | None) -> str:
+    """3725 → '1h 02m 05s'; 65 → '1m 05s'; 7.5 → '8s'."""
+    if seconds is None:
+        return ""
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def _parse_iso(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Totals:
+    """The run's totals over its selected jobs."""
+
+    jobs: int
+    counts: dict[str, int]
+    """Jobs per status, in the order statuses are listed in JobStatus."""
+    records: int
+    bytes: int
+    invalid_lines: int
+    erroneous_tasks: int
+    duration_s: float | None
+    """From the run's start to its end (None while it has not ended)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "jobs": self.jobs,
+            "counts": self.counts,
+            "records": self.records,
+            "bytes": self.bytes,
+            "invalid_lines": self.invalid_lines,
+            "erroneous_tasks": self.erroneous_tasks,
+            "duration_s": self.duration_s,
+        }
+
+
+def run_totals(manifest: Manifest, names: Iterable[str] | None = None) -> Totals:
+    """Totals over the jobs ``names`` (default: every job of the manifest)."""
+    jobs = [manifest.jobs[n] for n in (manifest.jobs if names is None else names) if n in manifest.jobs]
+    counts = {s.value: n for s in JobStatus if (n := sum(1 for j in jobs if j.status is s))}
+    start, end = _parse_iso(manifest.started_at), _parse_iso(manifest.finished_at)
+    return Totals(
+        jobs=len(jobs),
+        counts=counts,
+        records=sum(j.records or 0 for j in jobs),
+        bytes=sum(j.bytes or 0 for j in jobs),
+        invalid_lines=sum(j.invalid_lines for j in jobs),
+        erroneous_tasks=sum(j.erroneous_tasks or 0 for j in jobs),
+        duration_s=(end - start).total_seconds() if start and end else None,
+    )
+
+
+def _figure_cell(column: str, value: str, width: int) -> Text:
+    text = value.rjust(width) if column in _RIGHT else value.ljust(width)
+    status = _STATUSES.get(value) if column == "status" else None
+    return Text(text, style=_STYLE[status] if status else "")
+
+
+def _pack(items: list[Text], width: int | None, indent: str = _INDENT, sep: str = ", ") -> list[Text]:
+    """``items`` joined by ``sep`` on as few lines of ``width`` as fit, broken only between items."""
+    lines: list[Text] = []
+    line = Text()
+    for item in items:
+        piece = Text(sep) + item if line.plain.strip() else item
+        # Room for the separator, the item, and the separator's end should the next one break.
+        if width is not None and line.plain.strip() and line.cell_len + len(sep) + item.cell_len + 1 > width:
+            lines.append(line + Text(sep.rstrip()))
+            line = Text(indent) + item
+        else:
+            line = line + piece
+    lines.append(line)
+    return lines
+
+
+def _chunks(text: str, width: int) -> list[str]:
+    """``text`` cut into pieces of ``width`` characters (a name longer than the screen)."""
+    return [text[i : i + width] for i in range(0, len(text), width)] or [""]
+
+
+def _wrap(prefix: str, text: str, width: int | None, indent: str) -> list[Text]:
+    """``prefix + text`` wrapped at spaces to ``width`` (unbounded: one line)."""
+    if width is None:
+        return [Text(prefix + text)]
+    lines = textwrap.wrap(
+        text, width=max(1, width), initial_indent=prefix, subsequent_indent=indent, break_on_hyphens=False
+    )
+    return [Text(line) for line in lines]
+
+
+def summary_lines(manifest: Manifest, names: Iterable[str], width: int | None) -> list[Text]:
+    """The summary as lines of at most ``width`` cells (``None``: no limit, one line per job).
+
+    Every figure of every job is always there, whole: a narrow screen gets more lines, not
+    fewer columns.
+    """
+    names = [n for n in names if n in manifest.jobs]
+    jobs = [manifest.jobs[n] for n in names]
+    lines = _pack([Text(f"run {manifest.run_id}:"), Text(manifest.status.value, style="bold")], width, sep=" ")
+    figures = [job_figures(j) for j in jobs]
+    notes = [job_notes(j) for j in jobs]
+    widths = {c: max([len(c), *(len(f[c]) for f in figures)]) for c in FIGURES}
+    figures_w = sum(widths.values()) + len(_GAP) * (len(FIGURES) - 1)
+    name_w = max([len("job"), *(len(j.name) for j in jobs)])
+    notes_w = max([len("notes"), *(len(n) for n in notes)])
+    one_line = width is None or name_w + len(_GAP) + figures_w + len(_GAP) + notes_w <= width
+    name_beside = width is None or name_w + len(_GAP) + figures_w <= width
+    aligned = width is None or len(_INDENT) + figures_w <= width
+
+    def figures_of(values: dict[str, str]) -> Text:
+        return Text(_GAP).join(_figure_cell(c, values[c], widths[c]) for c in FIGURES)
+
+    header = figures_of({c: c for c in FIGURES})
+    header.stylize("bold")
+    if not jobs:
+        lines.append(Text("no job selected (an empty shard): nothing was run"))
+    elif one_line:
+        lines.append(Text("job".ljust(name_w) + _GAP, style="bold") + header + Text(_GAP + "notes", style="bold"))
+    elif name_beside:
+        lines.append(Text("job".ljust(name_w) + _GAP, style="bold") + header)
+    elif aligned:
+        lines += [Text("job", style="bold"), Text(_INDENT) + header]
+    for job, values, note in zip(jobs, figures, notes, strict=True):
+        if one_line:
+            row = Text(job.name.ljust(name_w) + _GAP) + figures_of(values)
+            lines.append((row + Text(_GAP + note)) if note else row)
+            continue
+        if name_beside:
+            lines.append(Text(job.name.ljust(name_w) + _GAP) + figures_of(values))
+        else:
+            assert width is not None
+            lines += [Text(chunk, style="bold") for chunk in _chunks(job.name, width)]
+            if aligned:
+                lines.append(Text(_INDENT) + figures_of(values))
+            else:
+                items = [_figure_cell("status", values["status"], 0), Text(f"{job.attempts} attempt(s)")]
+                items += [Text(f"{values['bytes']}")] if values["bytes"] else []
+                items += [Text(f"{values['records']} records")] if values["records"] else []
+                items += [Text(f"{job.invalid_lines} invalid")] if job.invalid_lines else []
+                lines += [Text(_INDENT) + line for line in _pack(items, max(1, width - len(_INDENT)))]
+        if note:
+            lines += _wrap(_INDENT + "note: ", note, width, _INDENT * 4)
+    totals = run_totals(manifest, names)
+    items = [Text(f"total: {totals.jobs} job(s)")]
+    items += [Text(f"{n} {s}", style=_STYLE[JobStatus(s)]) for s, n in totals.counts.items()]
+    items += [Text(f"{totals.records:,} records"), Text(format_bytes(totals.bytes))]
+    items += [Text(f"{totals.invalid_lines} invalid lines")] if totals.invalid_lines else []
+    items += [Text(f"{totals.erroneous_tasks} erroneous tasks")] if totals.erroneous_tasks else []
+    items += [Text(f"took {format_duration(totals.duration_s)}")] if totals.duration_s is not None else []
+    lines += _pack(items, width)
+    for line in lines:
+        line.rstrip()  # empty figures at the end of a row leave no trailing blanks
+    return lines
 
 
 def print_summary(manifest: Manifest, names: Iterable[str], console: Console) -> None:
-    """A table of every selected job: status, attempts, size, records, problems."""
-    names = list(names)
-    table = Table(title=f"run {manifest.run_id}: {manifest.status.value}", title_justify="left")
-    for col in ("job", "status", "attempts", "bytes", "records", "invalid", "notes"):
-        table.add_column(
-            col,
-            justify="right" if col in ("attempts", "bytes", "records", "invalid") else "left",
-            no_wrap=col != "notes",  # names and figures stay whole; notes wrap
-            ratio=1 if col == "notes" else None,  # notes take what is left; the rest keep their width
-        )
-    for name in names:
-        job = manifest.jobs.get(name)
-        if job is None:
-            continue
-        notes = job.error or ""
-        if job.erroneous_tasks:
-            notes = (notes + "; " if notes else "") + f"{job.erroneous_tasks} erroneous tasks"
-        table.add_row(
-            job.name,
-            Text(job.status.value, style=_STYLE[job.status]),
-            str(job.attempts),
-            format_bytes(job.bytes),
-            "" if job.records is None else f"{job.records:,}",
-            str(job.invalid_lines or ""),
-            notes,
-        )
-    console.print(table)
+    """Print the summary of the jobs ``names``: at the terminal's width, or unbounded elsewhere."""
+    width = console.width if console.is_terminal else None
+    for line in summary_lines(manifest, names, width):
+        console.print(line, soft_wrap=True, highlight=False)
 
 
-__all__ = ["ProgressView", "format_bytes", "format_ms", "print_summary"]
+__all__ = [
+    "FIGURES",
+    "ProgressView",
+    "Totals",
+    "format_bytes",
+    "format_duration",
+    "format_ms",
+    "job_figures",
+    "job_notes",
+    "print_summary",
+    "run_totals",
+    "summary_lines",
+]

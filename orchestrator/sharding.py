@@ -28,6 +28,7 @@ __all__ = [
     "parse_shard",
     "resolve_shard",
     "select",
+    "shard_folder",
     "shard_of",
 ]
 
@@ -131,3 +132,14 @@ def select(names: Sequence[str], index: int, count: int) -> list[str]:
     """Return the names that shard ``index`` of ``count`` runs, in their original order."""
     _check_range(index, count, "invalid shard")
     return [name for name in names if shard_of(name, count) == index]
+
+
+def shard_folder(index: int, count: int) -> str:
+    """The folder a shard writes into when ``--output-dir`` is not given: ``shard-I-of-N``.
+
+    Under the job file's ``run.output_dir``, so shards started at once never share a folder
+    (nor its lock and manifest). N is in the name: after a change of N, a shard does not
+    resume another partition's manifest.
+    """
+    _check_range(index, count, "invalid shard")
+    return f"shard-{index}-of-{count}"

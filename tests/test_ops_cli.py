@@ -133,6 +133,100 @@ def test_unknown_export_is_a_404_error(sim: SimulatorThread) -> None:
     assert done.stdout == ""
 
 
+def test_exports_show_in_the_wrong_organisation_says_so(sim: SimulatorThread) -> None:
+    """An export of another organisation: exit 1, one line naming export and organisation, pointing at the option."""
+    done = cli(sim, "exports", "show", "7001", "--organisation-id", ORG)
+    assert done.returncode == 1 and done.stdout == ""
+    line = one_line(done.stderr)
+    assert f"export 7001 not found in organisation {ORG} (check --organisation-id)" in line
+    assert "another organisation" in line
+
+
+# -- pipe-safe output -----------------------------------------------------------------------------
+LONG = "nightly-" + "x" * 134 + "-visitors"  # 150 characters
+
+
+@pytest.fixture
+def long_names() -> Iterator[SimulatorThread]:
+    """Three exports of organisation 1426, one with a 150-character name."""
+    specs = [fast_spec("6000", name=LONG), fast_spec("6001", name="short"), fast_spec("6002", name="a b\tc")]
+    with SimulatorThread(sim_config(*specs)) as thread:
+        yield thread
+
+
+def test_exports_list_in_a_pipe_is_one_whole_line_per_export(long_names: SimulatorThread) -> None:
+    """Piped, the table keeps each export on one unwrapped line (grep finds whole rows), with no trailing blanks."""
+    done = cli(long_names, "exports", "list", "--organisation-id", ORG)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"3 export(s) in organisation {ORG}"
+    assert lines[1].split() == ["id", "name", "query_id", "datamart_id"]
+    assert len(lines) == 5
+    [row] = [line for line in lines if "6000" in line]
+    assert row.split() == ["6000", LONG, "65987", "1509"]
+    assert all(line == line.rstrip() for line in lines)
+    assert "a b c" in done.stdout  # a tab in a name cannot break the columns
+
+
+def test_exports_list_tsv_is_a_header_and_one_row_per_export(long_names: SimulatorThread) -> None:
+    """--format tsv prints a header and tab-separated rows; a tab inside a value is escaped."""
+    done = cli(long_names, "exports", "list", "--organisation-id", ORG, "--format", "tsv")
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("\t") for line in done.stdout.splitlines()]
+    assert rows == [
+        ["id", "name", "query_id", "datamart_id"],
+        ["6000", LONG, "65987", "1509"],
+        ["6001", "short", "65987", "1509"],
+        ["6002", "a b\\tc", "65987", "1509"],
+    ]
+
+
+def test_show_and_executions_take_every_format(long_names: SimulatorThread) -> None:
+    """exports show and executions list print TSV and JSON too; --json contradicting --format is exit 2."""
+    show = cli(long_names, "exports", "show", "6000", "--organisation-id", ORG, "--format", "tsv")
+    assert show.returncode == 0, show.stderr
+    assert f"name\t{LONG}" in show.stdout.splitlines()
+    execution_id = new_execution(long_names, "6001")
+    listing = cli(long_names, "executions", "list", "6001", "--format", "tsv")
+    header, row = listing.stdout.splitlines()
+    assert header.split("\t")[:2] == ["id", "status"] and row.split("\t")[0] == execution_id
+    as_json = cli(long_names, "executions", "list", "6001", "--format", "json")
+    assert [e["id"] for e in orjson.loads(as_json.stdout)] == [execution_id]
+    both = cli(long_names, "executions", "list", "6001", "--json", "--format", "tsv")
+    assert both.returncode == 2 and "contradict" in one_line(both.stderr)
+
+
+# -- cancel -------------------------------------------------------------------------------------
+def test_cancel_shows_what_the_platform_answered(tmp_path: Path) -> None:
+    """cancel of a running execution exits 0 and says it is now CANCELED; of a finished one, that it had finished."""
+    slow, quick = fast_spec("9000", running_s=30), fast_spec("9001")
+    with SimulatorThread(sim_config(slow, quick)) as sim:
+        running = new_execution(sim, "9000")
+        done = cli(sim, "cancel", "9000", running)
+        again = cli(sim, "cancel", "9000", running, "--json")
+        finished = new_execution(sim, "9001")
+        wait_succeeded(sim, "9001", finished)
+        late = cli(sim, "cancel", "9001", finished)
+        cancels = sim.stats.cancels
+    assert done.returncode == 0, done.stderr
+    assert one_line(done.stdout).endswith("accepted by the platform: it is now CANCELED")
+    assert orjson.loads(again.stdout) == {
+        "export_id": "9000",
+        "execution_id": running,
+        "accepted": True,
+        "status": "CANCELED",
+        "cancel_status": "CANCELED",
+    }
+    assert late.returncode == 0 and "already finished (SUCCEEDED)" in late.stdout
+    assert cancels == 3
+
+
+def test_cancel_of_an_unknown_execution_exits_1(sim: SimulatorThread) -> None:
+    """cancel of an execution that does not exist exits 1 with the platform's 404, one line."""
+    done = cli(sim, "cancel", "5000", "424242")
+    assert done.returncode == 1 and "404" in one_line(done.stderr) and done.stdout == ""
+
+
 # -- executions ---------------------------------------------------------------------------------
 def test_executions_list_limit_newest_first(sim: SimulatorThread) -> None:
     """`executions list ID --limit N` prints exactly the N newest executions, newest first; 10 by default."""
@@ -225,6 +319,7 @@ def test_missing_token_exits_2_without_any_request(sim: SimulatorThread, token: 
         done = cli(sim, *args, token=token)
         assert done.returncode == 2
         assert "MICS_API_TOKEN" in one_line(done.stderr)
+        assert "--simulate" not in done.stderr and "mics-export simulate" in done.stderr  # they have no --simulate
         assert done.stdout == ""
     assert sim.stats.total_requests == 0
 
@@ -295,3 +390,16 @@ def test_simulate_serves_the_demo_platform() -> None:
         proc.terminate()
         _, stderr = proc.communicate(timeout=30)
     assert f"simulator listening on http://127.0.0.1:{port}" in stderr
+
+
+def test_validate_check_queries_without_token_does_not_offer_simulate(tmp_path: Path) -> None:
+    """validate --check-queries without a token exits 2 pointing at `mics-export simulate`, not at --simulate."""
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(
+        "version: 1\njobs:\n  - name: q\n    organisation_id: 1426\n"
+        "    query: {datamart_id: 1509, text: 'SELECT {id} FROM UserPoint'}\n"
+    )
+    done = cli(None, "validate", str(jobs), "--check-queries", token=None)
+    assert done.returncode == 2
+    line = one_line(done.stderr)
+    assert "MICS_API_TOKEN" in line and "--simulate" not in line and "mics-export simulate" in line

@@ -1,20 +1,27 @@
-"""Tests for orchestrator.sharding: the partition, its stability, parsing and the environment."""
+"""Tests for orchestrator.sharding: the partition, its stability, parsing and the environment;
+then end to end, the folder each shard writes into and a shard with nothing to do."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from support import TOKEN, cli_env, jobs_by_name, manifest, run_cli, start_cli, write_jobs
 
+from orchestrator.config import parse_job_file
+from orchestrator.errors import ConfigError
 from orchestrator.sharding import (
     SHARD_COUNT_ENV,
     SHARD_INDEX_ENV,
     parse_shard,
     resolve_shard,
     select,
+    shard_folder,
     shard_of,
 )
+from orchestrator.simulator import ExportSpec, SimulatorConfig, SimulatorThread
 
 # Names shaped like real job names ([A-Za-z0-9._-]+), varied enough to hit every shard.
 NAMES = [f"segment-{i:03d}.{'abcdefgh'[i % 8]}_export" for i in range(200)]
@@ -173,3 +180,61 @@ def test_select_rejects_an_impossible_shard() -> None:
         select(NAMES, 4, 4)
     with pytest.raises(ValueError, match="at least 1"):
         select(NAMES, 0, 0)
+
+
+# -- end to end: shard folders -----------------------------------------------------------------
+def _sim(*specs: ExportSpec) -> SimulatorThread:
+    return SimulatorThread(SimulatorConfig(token=TOKEN, exports=specs))
+
+
+def test_two_shards_started_at_once_write_their_own_folders(tmp_path: Path) -> None:
+    """--shard 0/2 and 1/2 started together both succeed, each into OUTPUT_DIR/shard-I-of-2/ with its own manifest."""
+    names = [f"job-{i}" for i in range(6)]
+    specs = [ExportSpec(str(i), size_bytes=2_000, pending_s=0.01, running_s=0.3) for i in range(6)]
+    with _sim(*specs) as sim:
+        path = write_jobs(tmp_path, [{"name": n, "export_id": str(i)} for i, n in enumerate(names)])
+        procs = [start_cli("run", str(path), "--shard", f"{i}/2", env=cli_env(sim.url)) for i in range(2)]
+        results = [(p.wait(timeout=60), p.communicate()[1]) for p in procs]
+    assert [code for code, _ in results] == [0, 0], results
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [shard_folder(0, 2), shard_folder(1, 2)]
+    ran = [set(jobs_by_name(manifest(out / shard_folder(i, 2)))) for i in range(2)]
+    assert ran == [set(select(names, i, 2)) for i in range(2)]
+    assert ran[0] | ran[1] == set(names)
+
+
+def test_an_empty_shard_warns_and_succeeds_into_the_given_folder(tmp_path: Path) -> None:
+    """A shard that selects no job exits 0, warns, says so in the summary, and sends nothing; --output-dir is kept."""
+    empty = 1 - shard_of("only", 2)
+    with _sim(ExportSpec("1")) as sim:
+        path = write_jobs(tmp_path, [{"name": "only", "export_id": "1"}])
+        given = tmp_path / "given"
+        done = run_cli("run", str(path), "--shard", f"{empty}/2", "--output-dir", str(given), env=cli_env(sim.url))
+        requests = sim.stats.total_requests
+    assert done.returncode == 0, done.stderr
+    assert f"shard {empty}/2 selects none of the 1 job(s)" in done.stderr
+    assert "no job selected" in done.stderr
+    assert manifest(given)["jobs"] == [] and manifest(given)["status"] == "SUCCEEDED"
+    assert requests == 0
+
+
+def test_run_help_names_the_indexed_job_variables() -> None:
+    """`run --help` tells where a shard comes from without --shard, and where it writes."""
+    done = run_cli("run", "--help", env=cli_env(None, token=None))
+    text = " ".join(done.stdout.split())
+    assert SHARD_INDEX_ENV in text and SHARD_COUNT_ENV in text and "shard-I-of-N" in text
+
+
+def test_an_unknown_only_name_lists_the_valid_ones() -> None:
+    """--only with an unknown name says which names are valid, the closest first."""
+    job_file = parse_job_file(
+        {"version": 1, "jobs": [{"name": n, "export_id": "1"} for n in ("visitors", "emails", "segments")]}, "j.yaml"
+    )
+    with pytest.raises(ConfigError) as info:
+        job_file.select(("visitor",))
+    message = str(info.value)
+    assert "unknown job(s): visitor" in message
+    assert "did you mean visitors?" in message and "valid names: visitors, emails, segments" in message
+    many = parse_job_file({"version": 1, "jobs": [{"name": f"j{i}", "export_id": "1"} for i in range(50)]}, "j.yaml")
+    with pytest.raises(ConfigError, match=r"valid names: j0, j1, .* j19 \.\.\. and 30 more"):
+        many.select(("nope",))
