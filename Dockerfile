@@ -23,7 +23,8 @@ WORKDIR /src
 # Dependencies first, read from pyproject.toml with the stdlib's tomllib: this layer is
 # rebuilt only when pyproject.toml changes, not on every code change.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project'].get('dependencies', []); open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
+# The image includes the `cloud` extra (obstore), so it can write straight to a bucket.
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p.get('dependencies', []) + p['optional-dependencies']['cloud']; open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
  && pip install -r /tmp/requirements.txt
 
 # Then the package itself: a regular (non-editable) install, built as a wheel by pip.
@@ -32,7 +33,7 @@ RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))
 # written now, at build time. pip and setuptools are not needed to run: remove them.
 COPY README.md ./
 COPY orchestrator ./orchestrator
-RUN pip install . \
+RUN pip install ".[cloud]" \
  && python -m compileall -q /opt/venv/lib \
  && pip uninstall -y pip setuptools
 
