@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
 from orchestrator.errors import MalformedResponseError
+
+_TECHNICAL_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 log = logging.getLogger("orchestrator.models")
 T = TypeVar("T")
@@ -251,8 +254,16 @@ class Execution:
 
     @property
     def technical_name(self) -> str:
-        """The result file's technical name: the first output file, ``export`` by default."""
-        return self.output_files[0] if self.output_files else "export"
+        """The result file's technical name: the first output file, ``export`` by default.
+
+        It comes from the server and goes into a URL path sent with the token, so it must
+        be a plain name (``[A-Za-z0-9._-]+``, not ``.`` or ``..``): anything else is a
+        malformed answer, never a path to follow.
+        """
+        name = self.output_files[0] if self.output_files else "export"
+        if not _TECHNICAL_NAME.fullmatch(name) or name in (".", ".."):
+            raise MalformedResponseError("result.output_files[0]", "is not a plain file name")
+        return name
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -333,7 +332,7 @@ class ResumableStream:
                 if failures >= api.retry.max_tries or total_failures >= 10 * api.retry.max_tries:
                     kind = IncompleteBodyError if isinstance(exc, aiohttp.ClientPayloadError | _Cut) else TransportError
                     raise kind(f"GET {path}: body cut at byte {self.pos}, {failures} tries: {_describe(exc)}") from None
-                wait = random.uniform(0, min(api.retry.max_wait_s, api.retry.base_s * 2**failures))
+                wait = api.retry_wait(failures)
                 log.info(
                     "download cut at byte %d (%s): resuming in %.2fs",
                     self.pos,

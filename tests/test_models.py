@@ -338,3 +338,20 @@ def test_query_check_without_a_verdict_is_malformed(data: Any) -> None:
     """A check answer with neither a type nor an error is malformed (it says nothing about the query)."""
     with pytest.raises(MalformedResponseError):
         QueryCheck.from_api(data)
+
+
+@pytest.mark.parametrize("name", ["../../v1/exports", "a/b", "..", "x?y=1", "a b"])
+def test_a_technical_name_that_is_not_a_plain_name_is_malformed(name: str) -> None:
+    """A server-chosen output file name that could steer the download URL is refused, never followed."""
+    execution = Execution.from_api({"id": "1", "status": "SUCCEEDED", "result": {"output_files": [name]}})
+    with pytest.raises(MalformedResponseError, match=r"result\.output_files\[0\]"):
+        _ = execution.technical_name
+
+
+def test_a_plain_technical_name_is_used() -> None:
+    """The usual names pass through unchanged, and none at all means ``export``."""
+    assert (
+        Execution.from_api({"id": "1", "status": "SUCCEEDED", "result": {"output_files": ["export"]}}).technical_name
+        == "export"
+    )
+    assert Execution.from_api({"id": "1", "status": "SUCCEEDED", "result": None}).technical_name == "export"
