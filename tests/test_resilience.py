@@ -367,7 +367,9 @@ def test_a_local_file_error_fails_one_job_not_the_run(tmp_path: Path) -> None:
 
 def test_two_runs_cannot_share_an_output_folder(tmp_path: Path) -> None:
     """While one run works in a folder, a second run into it exits 2 without touching anything."""
-    slow = ExportSpec("1", size_bytes=1000, pending_s=0.01, running_s=3)
+    # The first run's execution never ends (stall), so it certainly holds the lock while the
+    # second starts, however loaded the machine is.
+    slow = ExportSpec("1", size_bytes=1000, pending_s=0.01, stall=True)
     with _sim(slow) as sim:
         path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
         first = start_cli("run", str(path), env=cli_env(sim.url))
