@@ -23,6 +23,7 @@ replaced by the file, never written through.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -32,7 +33,7 @@ import threading
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -78,7 +79,8 @@ def _compressor(compression: str) -> _Compressor | None:
 class DownloadResult:
     """What was written: ``bytes`` and ``sha256`` are of the uncompressed content."""
 
-    path: Path
+    path: PurePath
+    """Where it is: a local path, or the object's key in a bucket."""
     bytes: int
     sha256: str
     stats: LineStats
@@ -87,6 +89,10 @@ class DownloadResult:
     """How completeness was established (see :mod:`orchestrator.stream`)."""
     replaced: str | None = None
     """What was at the final name before (e.g. "a regular file of 12 bytes"), or None."""
+    etag: str | None = None
+    """A bucket object's ETag once complete (None for a local file)."""
+    object_size: int | None = None
+    """A bucket object's stored size (compressed, when compressed)."""
 
     @property
     def records(self) -> int:
@@ -159,6 +165,30 @@ class InlineChecker:
 _STOP = object()
 
 
+class Output(Protocol):
+    """Where the writer thread puts the (compressed) bytes: a file, or a bucket upload."""
+
+    def write(self, data: bytes) -> Any: ...
+    def finish(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class _FileOutput:
+    """A file of its own on a dup of the part file's descriptor (closing it leaves the caller's open)."""
+
+    def __init__(self, fd: int) -> None:
+        self._file = os.fdopen(os.dup(fd), "wb")
+        self._file.seek(0, os.SEEK_END)
+        self.write = self._file.write
+
+    def finish(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class _FileWriter:
     """One thread that hashes, compresses and writes, fed through a bounded queue.
 
@@ -168,11 +198,9 @@ class _FileWriter:
     release the GIL, so this thread runs beside the parsing on the other core.
     """
 
-    def __init__(self, fd: int, name: str, compressor: _Compressor | None, digest: Any, depth: int) -> None:
+    def __init__(self, out: Output, name: str, compressor: _Compressor | None, digest: Any, depth: int) -> None:
         self._queue: queue.Queue[object] = queue.Queue(depth)
-        # A file of its own on a dup of the caller's descriptor: closing it leaves the caller's open.
-        self._file = os.fdopen(os.dup(fd), "wb")
-        self._file.seek(0, os.SEEK_END)
+        self._out = out
         self._compressor = compressor
         self._digest = digest
         self._error: BaseException | None = None
@@ -181,25 +209,25 @@ class _FileWriter:
         self._thread.start()
 
     def _run(self) -> None:
+        write = self._out.write  # a bound method: the local path stays one plain file write per chunk
         try:
             while (item := self._queue.get()) is not _STOP:
                 if self._aborted or self._error is not None:
                     continue  # drain, so that a blocked producer wakes up
                 assert isinstance(item, bytes)
                 self._digest.update(item)
-                self._file.write(self._compressor.compress(item) if self._compressor else item)
+                write(self._compressor.compress(item) if self._compressor else item)
             if not self._aborted and self._error is None:
                 if self._compressor is not None:
-                    self._file.write(self._compressor.flush())
-                self._file.flush()
-                os.fsync(self._file.fileno())
+                    write(self._compressor.flush())
+                self._out.finish()
         except BaseException as exc:  # reported to the event loop by put() / close()
             self._error = exc
             with contextlib.suppress(queue.Empty):
                 while True:
                     self._queue.get_nowait()
         finally:
-            self._file.close()
+            self._out.close()
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -290,51 +318,106 @@ def _describe_existing(dest: Path) -> str | None:
     return "a special file"
 
 
-async def download(
-    open_stream: Callable[[int], AsyncIterator[bytes]],
-    dest: Path,
-    *,
-    compression: str = "none",
-    tag: str = "download",
-    resume: bool = True,
-    on_invalid: str = "keep",
-    on_progress: Callable[[int], None] | None = None,
-    pool: ValidatorPool | None = None,
-    queue_chunks: int = 8,
-    stale_tags: Iterable[str] = (),
-    before_rename: Callable[[DownloadResult], Awaitable[None]] | None = None,
-    max_line_bytes: int | None = None,
-    on_unverified_length: str = "fail",
-) -> DownloadResult:
-    """Stream ``open_stream(start)`` into ``dest``, atomically.
+class Target(Protocol):
+    """Where one download lands, and how it becomes visible (:mod:`orchestrator.sink`).
 
-    ``tag`` names the temporary file (the execution id, so that a part file is never
-    resumed into another execution's result). ``resume``: the caller knows this
-    execution's part file is ours (the manifest recorded the download); then, with no
-    compression, a part file left by an earlier, killed run is continued from its size,
-    if it is a plain file of ours (module docstring); otherwise it is deleted. ``on_progress`` gets
-    the byte count so far (uncompressed). With a ``pool``, lines are checked by worker
-    processes. On any failure or cancellation the temporary file is removed, so a
-    half-written file is never left under the final name. ``stale_tags`` name part files
-    of other executions to remove. ``before_rename`` runs once the file is complete and
-    fsynced, just before the rename, shielded from cancellation with it: a caller records
-    the result there, so that no moment exists where the file is in place but unrecorded.
-
-    Completeness: the stream's ``length_check`` (a :class:`~orchestrator.stream.ResumableStream`;
-    any other iterator counts as ``unverified``). ``unverified`` fails with
-    :class:`UnverifiedLengthError` unless ``on_unverified_length`` is ``keep``. When the
-    stream raises :class:`~orchestrator.stream.ContentChangedError`, everything had so
-    far is discarded and the download starts again from byte 0 (at most
-    :data:`MAX_RESTARTS` times). A line longer than ``max_line_bytes`` fails it
-    (:class:`~orchestrator.ndjson.LineTooLongError`).
-
-    Memory: at most ``queue_chunks`` chunks wait for the writer, plus the pool's ring.
+    :class:`LocalTarget` is a part file renamed into place; a bucket target streams into a
+    multipart upload completed at the end. The download calls, in order: :meth:`open`,
+    then (when it returned a size) :meth:`read_back`, then :meth:`output` for the writer
+    thread, :meth:`restart` if the content changed, :meth:`prepare_commit` (before the
+    caller's record) and :meth:`commit` at the end (it returns a bucket object's ETag and
+    size), or :meth:`abort` on any failure or cancellation.
     """
-    part = part_path(dest, tag)
-    for old in stale_tags:  # part files a killed run left for other executions of this job
-        if old != tag:
-            part_path(dest, old).unlink(missing_ok=True)
-    fd, start = _open_part(part, resume and compression == "none")
+
+    name: str
+    """The final name (under the folder or prefix)."""
+    can_rename: bool
+    """Whether :meth:`commit` can put the content under another name than :attr:`name`."""
+
+    @property
+    def where(self) -> PurePath: ...
+    async def open(self, resume: bool) -> int: ...
+    async def read_back(self, size: int, checker: LineChecker, digest: Any) -> None: ...
+    def output(self) -> Output: ...
+    async def restart(self) -> None: ...
+    async def prepare_commit(self) -> str | None: ...
+    async def commit(self, name: str | None) -> tuple[str | None, int] | None: ...
+    async def abort(self) -> None: ...
+    def retarget(self, name: str) -> Target: ...
+
+
+class LocalTarget:
+    """A file in a local folder: part file, fsync, same-inode check, rename, folder fsync."""
+
+    can_rename = True
+
+    def __init__(self, dest: Path, tag: str = "download", stale_tags: Iterable[str] = ()) -> None:
+        self.dest = dest
+        self.name = dest.name
+        self.tag = tag
+        self.stale_tags = tuple(stale_tags)
+        self.part = part_path(dest, tag)
+        self.fd = -1
+
+    @property
+    def where(self) -> PurePath:
+        return self.dest
+
+    async def open(self, resume: bool) -> int:
+        for old in self.stale_tags:  # part files a killed run left for other executions of this job
+            if old != self.tag:
+                part_path(self.dest, old).unlink(missing_ok=True)
+        self.fd, start = _open_part(self.part, resume)
+        return start
+
+    async def read_back(self, size: int, checker: LineChecker, digest: Any) -> None:
+        await _read_back(self.fd, size, checker, digest)
+
+    def output(self) -> Output:
+        return _FileOutput(self.fd)
+
+    async def restart(self) -> None:
+        os.ftruncate(self.fd, 0)
+
+    async def prepare_commit(self) -> str | None:
+        """Check the part name still holds the file written; what is at the final name now."""
+        mine = os.fstat(self.fd)
+        now = os.lstat(self.part)
+        if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+            raise OSError(f"{self.part.name} was replaced while it was written: not renamed into place")
+        return _describe_existing(self.dest)
+
+    async def commit(self, name: str | None) -> tuple[str | None, int] | None:
+        os.replace(self.part, self.dest if name is None else self.dest.with_name(name))
+        fsync_dir(self.dest.parent)
+        os.close(self.fd)
+        self.fd = -1
+        return None
+
+    async def abort(self) -> None:
+        # Sync and instant: no await for a cancel to hit.
+        with contextlib.suppress(OSError):
+            self.part.unlink()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def retarget(self, name: str) -> Target:
+        raise NotImplementedError("a local part file is renamed, never rewritten")
+
+
+async def _transfer(
+    target: Target,
+    open_stream: Callable[[int], AsyncIterator[bytes]],
+    start: int,
+    *,
+    compression: str,
+    on_progress: Callable[[int], None] | None,
+    pool: ValidatorPool | None,
+    queue_chunks: int,
+    max_line_bytes: int | None,
+) -> tuple[int, Any, LineStats, Any]:
+    """Stream into ``target`` from ``start``; (bytes, digest, stats, stream) once all is written."""
     writer: _FileWriter | None = None
     try:
         restarts = 0
@@ -342,12 +425,12 @@ async def download(
             digest = hashlib.sha256()
             inline = LineChecker(max_line_bytes, defer_over=LONG_LINE_BYTES)
             if start:
-                await _read_back(fd, start, inline, digest)
+                await target.read_back(start, inline, digest)
             checker: Checker = (
                 pool.checker(inline.stats, inline.take_tail(), max_line_bytes) if pool else InlineChecker(inline)
             )
             received = start
-            writer = _FileWriter(fd, part.name, _compressor(compression), digest, queue_chunks)
+            writer = _FileWriter(target.output(), target.name, _compressor(compression), digest, queue_chunks)
             stream = open_stream(start)
             try:
                 async for chunk in stream:
@@ -363,7 +446,7 @@ async def download(
                 log.warning("%s: downloading again from byte 0", exc, extra={"event": "download_restart"})
                 await writer.discard()
                 writer = None
-                os.ftruncate(fd, 0)
+                await target.restart()
                 start = 0
                 continue
             finally:
@@ -374,6 +457,69 @@ async def download(
             break
         stats = await checker.finish()
         await writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return received, digest, stats, stream
+
+
+async def download(
+    open_stream: Callable[[int], AsyncIterator[bytes]],
+    dest: Path | Target,
+    *,
+    compression: str = "none",
+    tag: str = "download",
+    resume: bool = True,
+    on_invalid: str = "keep",
+    on_progress: Callable[[int], None] | None = None,
+    pool: ValidatorPool | None = None,
+    queue_chunks: int = 8,
+    stale_tags: Iterable[str] = (),
+    before_rename: Callable[[DownloadResult], Awaitable[str | None]] | None = None,
+    max_line_bytes: int | None = None,
+    on_unverified_length: str = "fail",
+) -> DownloadResult:
+    """Stream ``open_stream(start)`` into ``dest`` (a local path, or a :class:`Target`), atomically.
+
+    ``tag`` names the temporary file (the execution id, so that a part file is never
+    resumed into another execution's result). ``resume``: the caller knows this
+    execution's part file is ours (the manifest recorded the download); then, with no
+    compression, a part file left by an earlier, killed run is continued from its size,
+    if it is a plain file of ours (module docstring); otherwise it is deleted. A bucket
+    target never resumes: it starts from byte 0. ``on_progress`` gets
+    the byte count so far (uncompressed). With a ``pool``, lines are checked by worker
+    processes. On any failure or cancellation the temporary file is removed (the upload
+    aborted), so a half-written file is never left under the final name. ``stale_tags`` name part files
+    of other executions to remove. ``before_rename`` runs once the file is complete and
+    fsynced, just before the rename, shielded from cancellation with it: a caller records
+    the result there, so that no moment exists where the file is in place but unrecorded.
+    It may return another final name (e.g. ``NAME.ndjson.rejected``): the content is then
+    committed under that name, never under the normal one (a bucket target streams the
+    execution's result again into that key, since a multipart upload cannot change key).
+
+    Completeness: the stream's ``length_check`` (a :class:`~orchestrator.stream.ResumableStream`;
+    any other iterator counts as ``unverified``). ``unverified`` fails with
+    :class:`UnverifiedLengthError` unless ``on_unverified_length`` is ``keep``. When the
+    stream raises :class:`~orchestrator.stream.ContentChangedError`, everything had so
+    far is discarded and the download starts again from byte 0 (at most
+    :data:`MAX_RESTARTS` times). A line longer than ``max_line_bytes`` fails it
+    (:class:`~orchestrator.ndjson.LineTooLongError`).
+
+    Memory: at most ``queue_chunks`` chunks wait for the writer, plus the pool's ring
+    (plus the upload's bounded buffers for a bucket).
+    """
+    target: Target = LocalTarget(dest, tag, stale_tags) if isinstance(dest, Path) else dest
+    options = {
+        "compression": compression,
+        "on_progress": on_progress,
+        "pool": pool,
+        "queue_chunks": queue_chunks,
+        "max_line_bytes": max_line_bytes,
+    }
+    try:
+        start = await target.open(resume and compression == "none")
+        received, digest, stats, stream = await _transfer(target, open_stream, start, **options)  # type: ignore[arg-type]
         length_check = str(getattr(stream, "length_check", None) or "unverified")
         if length_check == "unverified" and on_unverified_length != "keep":
             raise UnverifiedLengthError(
@@ -384,26 +530,35 @@ async def download(
             raise InvalidDataError(
                 f"{stats.invalid_lines} invalid line(s), first at line {stats.invalid_line_numbers[0]}"
             )
-        mine = os.fstat(fd)
         with anyio.CancelScope(shield=True):
-            now = os.lstat(part)
-            if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
-                raise OSError(f"{part.name} was replaced while it was written: not renamed into place")
             result = DownloadResult(
-                dest, received, digest.hexdigest(), stats, start, length_check, _describe_existing(dest)
+                target.where,
+                received,
+                digest.hexdigest(),
+                stats,
+                start,
+                length_check,
+                await target.prepare_commit(),
             )
-            if before_rename is not None:
-                await before_rename(result)
-            os.replace(part, dest)
-            fsync_dir(dest.parent)
+            name = await before_rename(result) if before_rename is not None else None
+            if name == target.name:
+                name = None
+            if name is not None and not target.can_rename:
+                # The upload went to the normal key and is not complete: abort it, and stream
+                # the same execution's result into the other key (it must hash the same).
+                await target.abort()
+                target = target.retarget(name)
+                await target.open(False)
+                again, digest, _stats, _stream = await _transfer(target, open_stream, 0, **options)  # type: ignore[arg-type]
+                if (again, digest.hexdigest()) != (result.bytes, result.sha256):
+                    raise TransportError(f"the result changed while it was stored again as {name}")
+                name = None
+            stored = await target.commit(name)
     except BaseException:
-        if writer is not None:
-            writer.abort()
-        with contextlib.suppress(OSError):  # sync and instant: no await for a cancel to hit
-            part.unlink()
+        await target.abort()
         raise
-    finally:
-        os.close(fd)
+    if stored is not None:
+        result = dataclasses.replace(result, etag=stored[0], object_size=stored[1])
     return result
 
 
@@ -427,6 +582,9 @@ __all__ = [
     "COMPRESSIONS",
     "Checker",
     "DownloadResult",
+    "LocalTarget",
+    "Output",
+    "Target",
     "download",
     "fsync_dir",
     "output_name",

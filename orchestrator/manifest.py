@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import orjson
@@ -120,6 +120,18 @@ class JobRecord:
     """How the file was known complete: content-length, content-range, chunked, end-probe or unverified."""
     creating_since: int | None = None
     """Epoch ms just before a create-execution request whose answer is not yet recorded."""
+    etag: str | None = None
+    """In a bucket: the object's ETag once complete (a rerun trusts ``sha256`` while it is unchanged)."""
+    object_size: int | None = None
+    """In a bucket: the object's stored size (compressed, when compressed)."""
+    guard: dict[str, Any] | None = None
+    """The guard that failed the job: ``{"name", "reason", "value", "limit"}`` (orchestrator/guards.py)."""
+    previous_records: int | None = None
+    """The records of the job's last SUCCEEDED run, when a guard compared with it (max_drop_pct)."""
+    note: str | None = None
+    """What a reader should know of a job that is not an error (a first run's max_drop_pct...)."""
+    reused_from: dict[str, Any] | None = None
+    """``{"execution_id", "created_at"}`` when reuse_within picked an existing execution."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JobRecord:
@@ -166,6 +178,12 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "query_id": _OPTIONAL_STR,
     "length_check": _OPTIONAL_STR,
     "creating_since": _OPTIONAL_INT,
+    "etag": _OPTIONAL_STR,
+    "object_size": _OPTIONAL_INT,
+    "guard": (dict, type(None)),
+    "previous_records": _OPTIONAL_INT,
+    "note": _OPTIONAL_STR,
+    "reused_from": (dict, type(None)),
 }
 """What each field of a job entry may hold when read back (bool is refused apart)."""
 
@@ -338,6 +356,32 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+class ManifestStore(Protocol):
+    """Where the manifest is written whole: a local file or a bucket object (orchestrator.sink)."""
+
+    label: str
+    """The manifest's path or URL, for messages."""
+
+    async def write_manifest(self, data: bytes) -> None: ...
+    async def write_manifest_last(self, data: bytes) -> None:
+        """The run's last word, after cancellation: the caller shields it."""
+        ...
+
+
+class FileManifestStore:
+    """``manifest.json`` in a local folder, replaced atomically (:func:`write_atomic`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.label = str(path)
+
+    async def write_manifest(self, data: bytes) -> None:
+        await anyio.to_thread.run_sync(write_atomic, self.path, data)
+
+    async def write_manifest_last(self, data: bytes) -> None:
+        write_atomic(self.path, data)  # blocking on purpose: no await for a second signal to hit
+
+
 class ManifestWriter:
     """Group commit: callers of :meth:`save` share writes; each returns once its change is on disk.
 
@@ -352,9 +396,11 @@ class ManifestWriter:
     :attr:`required_failures` counts the saves that raised.
     """
 
-    def __init__(self, manifest: Manifest, path: Path, flush_interval_s: float = 1.0) -> None:
+    def __init__(self, manifest: Manifest, path: Path | ManifestStore, flush_interval_s: float = 1.0) -> None:
         self.manifest = manifest
-        self.path = path
+        self.store: ManifestStore = FileManifestStore(path) if isinstance(path, Path) else path
+        self.path: Path | str = path if isinstance(path, Path) else path.label
+        """Where the manifest is: a local path, or its bucket URL."""
         self.flush_interval_s = flush_interval_s
         self.writes = 0
         self.behind = False
@@ -401,17 +447,28 @@ class ManifestWriter:
             covered = self._changes
             data = self.manifest.to_bytes()
             try:
-                await anyio.to_thread.run_sync(write_atomic, self.path, data)
-            except OSError as exc:
+                await self.store.write_manifest(data)
+            except (OSError, MicsExportError) as exc:  # MicsExportError: a bucket's StorageError
                 raise self._failed(exc) from exc
             self._done(covered)
 
     def save_now(self) -> None:
-        """Blocking write, for the last word after cancellation; ManifestWriteError if it fails."""
+        """Blocking write of a local manifest, for the last word after cancellation."""
+        if not isinstance(self.store, FileManifestStore):
+            raise TypeError("save_now is for a local manifest: use save_last")
         covered = self._changes
         try:
-            write_atomic(self.path, self.manifest.to_bytes())
+            write_atomic(self.store.path, self.manifest.to_bytes())
         except OSError as exc:
+            raise self._failed(exc) from exc
+        self._done(covered)
+
+    async def save_last(self) -> None:
+        """The run's last word (the caller shields it); ManifestWriteError if it fails."""
+        covered = self._changes
+        try:
+            await self.store.write_manifest_last(self.manifest.to_bytes())
+        except (OSError, MicsExportError) as exc:
             raise self._failed(exc) from exc
         self._done(covered)
 
@@ -420,9 +477,12 @@ class ManifestWriter:
         self.behind = False  # writes are serialised: this one carries every change a failed one had
         self.writes += 1
 
-    def _failed(self, exc: OSError) -> ManifestWriteError:
+    def _failed(self, exc: OSError | MicsExportError) -> ManifestWriteError:
         self.behind = True
-        error = ManifestWriteError(f"cannot write {self.path}: {exc.strerror or exc}")
+        if isinstance(exc, OSError):
+            error = ManifestWriteError(f"cannot write {self.path}: {exc.strerror or exc}")
+        else:
+            error = ManifestWriteError(str(exc))  # already one line naming the object
         if str(error) not in self._reported:  # once per kind of error, not once per job
             self._reported.add(str(error))
             log.error("%s", error, extra={"event": "manifest_failed"})
@@ -437,11 +497,13 @@ def as_dict(manifest: Manifest) -> dict[str, Any]:
 
 __all__ = [
     "MANIFEST_NAME",
+    "FileManifestStore",
     "JobRecord",
     "JobStatus",
     "LiveFigures",
     "Manifest",
     "ManifestReadError",
+    "ManifestStore",
     "ManifestWriteError",
     "ManifestWriter",
     "RunStatus",

@@ -726,6 +726,20 @@ def _describe_holder(body: bytes | None) -> tuple[str, float | None]:
         return "?", None
 
 
+async def lock_alive(store: ObjectStore, prefix: str) -> bool:
+    """Whether ``PREFIX/.lock`` exists and its holder's lease has not run out (a run is going on)."""
+    key = f"{prefix}/{LOCK_NAME}" if prefix else LOCK_NAME
+    try:
+        current = await obstore.get_async(store, key)
+        body = bytes(await current.bytes_async())
+    except FileNotFoundError:
+        return False
+    except Exception as exc:
+        raise _map_error(exc, store, key, "cannot read the lock") from None
+    _holder, lease = _describe_holder(body)
+    return _now() < current.meta["last_modified"] + timedelta(seconds=lease or 0)
+
+
 async def acquire_lock(store: ObjectStore, prefix: str, run_id: str, lease_s: float) -> Lock:
     """Take ``PREFIX/.lock`` for this run, or raise :class:`LockHeldError` (one line, exit 2).
 

@@ -6,7 +6,7 @@ word) or would have:
 ====  =========================================================================================
 0     the run SUCCEEDED
 1     the run FAILED (a job did not succeed, or an error stopped it)
-2     no readable manifest there, a bucket URL, or a bad argument
+2     no readable manifest there (or the bucket cannot be read), or a bad argument
 130   the run was interrupted by SIGINT; 143 by SIGTERM (any code the run recorded is used as is)
 4     the run is still going: its manifest says RUNNING and a process holds the folder's lock
 5     the run stopped without recording how: RUNNING but no process holds the lock (killed,
@@ -14,7 +14,9 @@ word) or would have:
 ====  =========================================================================================
 
 Whether a run is alive is read from its lock (``.lock``, flock): the kernel releases it when
-the process dies, however it dies. Looking takes the lock shared for an instant; a run that
+the process dies, however it dies. For a bucket prefix (``s3://...``), from its lock object:
+present and within its lease means alive (a run renews it every third of the lease).
+Looking at a local lock takes it shared for an instant; a run that
 starts at that instant waits for it (the run's claim retries for half a second).
 """
 
@@ -43,7 +45,8 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 class RunReport:
     """What ``status`` knows about one run."""
 
-    manifest_path: Path
+    manifest_path: Path | str
+    """The manifest's path, or its URL in a bucket."""
     manifest: Manifest
     alive: bool | None
     """For a RUNNING manifest: a process holds the lock (True), none does (False), no lock file (None)."""
@@ -69,11 +72,9 @@ class RunReport:
 def manifest_path(target: str) -> Path:
     """The manifest a ``status`` argument names: ``DIR/manifest.json``, or the file itself.
 
-    A URL (``s3://...``) is refused for now; a folder without a manifest is a UsageError
-    that points at shard folders when there are some.
+    A folder without a manifest is a UsageError that points at shard folders when there
+    are some. (A bucket URL is read by :func:`read_report`.)
     """
-    if _URL.match(target):
-        raise UsageError(f"{target}: bucket URLs are not supported yet: give the run's local folder")
     folder = Path(target)
     if folder.is_file():
         return folder  # the manifest itself (a copy, or a renamed one)
@@ -104,19 +105,55 @@ def lock_held(folder: Path) -> bool | None:
     return False
 
 
-def read_report(target: str) -> RunReport:
-    """Read the run at ``target`` (a folder or its manifest); UsageError if there is none."""
-    path = manifest_path(target)
+def _read_bucket(url: str) -> tuple[str, bytes, bool | None]:
+    """(manifest URL, its bytes, whether a live lock holds the prefix) from a bucket prefix."""
+    import anyio
+
     try:
-        manifest = Manifest.from_bytes(path.read_bytes())
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+        from orchestrator import objstore
+    except ImportError:
+        raise UsageError(f"{url}: reading a bucket needs the cloud extra: pip install 'mics-export[cloud]'") from None
+    location = objstore.parse_location(url)
+    if location.prefix.endswith(MANIFEST_NAME):
+        location = objstore.Location(
+            location.scheme, location.bucket, location.prefix[: -len(MANIFEST_NAME)].rstrip("/"), location.account
+        )
+    key = location.key(MANIFEST_NAME)
+
+    async def read() -> tuple[bytes | None, bool | None]:
+        store = objstore.open_store(location)
+        data = await objstore.get_bytes(store, key)
+        return data, await objstore.lock_alive(store, location.prefix) if data is not None else None
+
+    try:
+        data, alive = anyio.run(read)
+    except objstore.StorageError as exc:  # a store error is this command's usage problem: exit 2
+        raise UsageError(str(exc)) from None
+    if data is None:
+        raise UsageError(f"no {MANIFEST_NAME} at {location.url(key)}: no run has written this prefix")
+    return location.url(key), data, alive
+
+
+def read_report(target: str) -> RunReport:
+    """Read the run at ``target`` (a folder, its manifest, or a bucket prefix); UsageError if there is none."""
+    path: Path | str
+    bucket_alive: bool | None = None
+    if _URL.match(target):
+        path, data, bucket_alive = _read_bucket(target)
+    else:
+        path = manifest_path(target)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        manifest = Manifest.from_bytes(data)
     except ValueError as exc:
         raise UsageError(f"{path} is not a valid manifest: {exc}") from None
     alive = None
     status = manifest.status
     if status is RunStatus.RUNNING:
-        alive = lock_held(path.parent)
+        alive = lock_held(path.parent) if isinstance(path, Path) else bucket_alive
         if alive is False:
             return RunReport(
                 path,

@@ -31,6 +31,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 KUBE_VERSIONS = ("1.33.0", kubernetes_validate.latest_version())
 MANIFESTS = (
     "cronjob.yaml",
+    "cronjob-s3.yaml",
     "indexed-job.yaml",
     "pvc.yaml",
     "configmap.yaml",

@@ -160,15 +160,14 @@ def test_the_cli_exits_with_the_recorded_code(tmp_path: Path) -> None:
         (lambda p: None, "no such folder"),
         (lambda p: _write(p / "shard-0-of-2", status="SUCCEEDED"), "shard folders here: shard-0-of-2"),
         (lambda p: _write(p, status="DANCING"), "not a valid manifest"),
-        (lambda p: None, "bucket URLs are not supported yet"),
     ],
 )
 def test_no_readable_manifest_is_a_usage_error(tmp_path: Path, make: Callable[[Path], object], message: str) -> None:
-    """No manifest, no folder, only shard folders, a corrupt manifest or a bucket URL: a one-line UsageError."""
+    """No manifest, no folder, only shard folders or a corrupt manifest: a one-line UsageError."""
     target = tmp_path / "run"
     make(target)
     with pytest.raises(UsageError, match=re.escape(message)):
-        read_report("s3://bucket/run" if "bucket" in message else str(target))
+        read_report(str(target))
 
 
 def test_no_manifest_exits_2_with_one_line(tmp_path: Path) -> None:
