@@ -217,7 +217,21 @@ def cli() -> None:
     default=lambda: os.environ.get("MICS_METRICS_PUSHGATEWAY"),
     help="Push Prometheus metrics here at the end [env MICS_METRICS_PUSHGATEWAY].",
 )
-@click.option("-v", "--verbose", count=True, help="More logs (-vv: library debug logs too).")
+@click.option(
+    "--deadline",
+    metavar="DURATION",
+    default=None,
+    help="Stop the run this long after it starts (5h30m, 90m, 1d or seconds) [env MICS_DEADLINE_S, "
+    "in seconds; default: run.deadline]: no execution is created for a job not expected to end "
+    "before it (its last run's duration, else its timeout_s); at the deadline the run stops as on "
+    "SIGTERM, INTERRUPTED, exit 124.",
+)
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="More logs: -v every poll and HTTP retry, in any log format (-vv: library debug logs too).",
+)
 def run(
     jobs_file: Path,
     simulate: bool,
@@ -229,6 +243,7 @@ def run(
     progress: str,
     workers: int | None,
     metrics_pushgateway: str | None,
+    deadline: str | None,
     verbose: int,
 ) -> int:
     """Run the exports of a job file and write results and manifest.json."""
@@ -252,8 +267,25 @@ def run(
         workers=workers,
         metrics_pushgateway=metrics_pushgateway,
         verbosity=verbose,
+        deadline_s=_deadline(deadline),
     )
     return execute(options)
+
+
+def _deadline(option: str | None) -> float | None:
+    """Seconds from ``--deadline`` or else ``MICS_DEADLINE_S``; None: the job file's run.deadline."""
+    from orchestrator.guards import parse_duration
+
+    if option is not None:
+        source, value = "--deadline", option
+    else:
+        source, value = "MICS_DEADLINE_S", os.environ.get("MICS_DEADLINE_S", "")
+        if not value.strip():
+            return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise UsageError(f"{source}: {exc}") from None
 
 
 @cli.command()
@@ -575,43 +607,157 @@ def status(target: str, fmt: str | None, as_json: bool) -> int:
     return report.exit_code
 
 
+_COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd"}
+_OTHER_COMPRESSIONS = {".bz2", ".xz", ".lz4", ".lzma", ".zip", ".tgz", ".7z", ".br", ".z", ".zstd", ".gzip"}
+
+
+def _compression_of(name: str) -> str:
+    """The compression an output's name asks for: ``.gz`` gzip, ``.zst`` zstd, else none.
+
+    Anything else that looks like compression (``.bz2``, ``.xz``, ``.gz.zst``...) is refused
+    rather than written uncompressed under a name that promises otherwise.
+    """
+    suffixes = [s.lower() for s in Path(name).suffixes]
+    last = suffixes[-1] if suffixes else ""
+    before = suffixes[-2] if len(suffixes) > 1 else ""
+    stacked = last in _COMPRESSION_SUFFIXES and before in {*_COMPRESSION_SUFFIXES, *_OTHER_COMPRESSIONS}
+    if last in _OTHER_COMPRESSIONS or stacked:
+        raise UsageError(
+            f"{name}: unsupported compression suffix {''.join(suffixes[-2:]) if before else last}: "
+            "end the name with .gz (gzip), .zst (zstd) or neither (uncompressed)"
+        )
+    return _COMPRESSION_SUFFIXES.get(last, "none")
+
+
+class _StdoutTarget:
+    """``-o -``: the checked bytes go to stdout as they come (no temporary file, no rename)."""
+
+    name = "-"
+    can_rename = True
+
+    @property
+    def where(self) -> Path:
+        return Path("-")
+
+    async def open(self, resume: bool) -> int:
+        return 0
+
+    async def read_back(self, size: int, checker: Any, digest: Any) -> None:
+        raise AssertionError("stdout is never resumed")
+
+    def output(self) -> Any:
+        out = sys.stdout.buffer
+
+        class _Out:
+            write = out.write
+
+            @staticmethod
+            def finish() -> None:
+                out.flush()
+
+            @staticmethod
+            def close() -> None:
+                pass
+
+        return _Out()
+
+    async def restart(self) -> None:
+        # Bytes already on stdout cannot be taken back: the reader would get them twice.
+        raise UsageError("the result changed on the server while it was written to stdout: run the command again")
+
+    async def prepare_commit(self) -> str | None:
+        return None
+
+    async def commit(self, name: str | None) -> tuple[str | None, int] | None:
+        return None
+
+    async def abort(self) -> None:
+        pass
+
+    def retarget(self, name: str) -> Any:
+        raise NotImplementedError
+
+
 @cli.command()
 @export_id_argument
 @click.argument("execution_id", callback=_id)
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    metavar="FILE|-|URL",
+    help="A file (.gz / .zst: compressed so), - for stdout, or s3:// gs:// az:// abfs:// URL of the object.",
+)
 @api_url_option
 @json_option
-def download(export_id: str, execution_id: str, output: Path, api_url: str | None, as_json: bool) -> int:
-    """Download one execution's result to FILE (atomically; lines are checked)."""
+def download(export_id: str, execution_id: str, output: str, api_url: str | None, as_json: bool) -> int:
+    """Download one execution's result to FILE, stdout or a bucket (atomically; lines are checked).
+
+    A file appears under its name only when complete (part file, rename); an object only
+    when its multipart upload completes. With ``-o -`` the bytes go to stdout as they are
+    checked and the summary to stderr (a failure midway leaves a partial stream: check the
+    exit code).
+    """
+    from orchestrator.download import Target
     from orchestrator.download import download as fetch
 
-    if not output.parent.is_dir():
-        raise UsageError(f"{output}: folder {output.parent} does not exist")
+    target: Path | Target
+    to_stdout = output == "-"
+    compression = "none"
+    bucket: Any = None
+    if to_stdout:
+        target = cast("Target", _StdoutTarget())
+    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", output):
+        from orchestrator.objstore import Location, parse_location
+
+        location = parse_location(output)
+        prefix, _, name = location.prefix.rpartition("/")
+        if not name:
+            raise UsageError(f"{output}: name the object (scheme://bucket/path/NAME.ndjson)")
+        compression = _compression_of(name)
+        from orchestrator.bucket_sink import BucketSink
+
+        bucket = BucketSink(Location(location.scheme, location.bucket, prefix, location.account))
+        target = bucket.target(name, execution_id)
+    else:
+        path = Path(output)
+        if not path.parent.is_dir():
+            raise UsageError(f"{output}: folder {path.parent} does not exist")
+        compression = _compression_of(path.name)
+        target = path
 
     async def body(api: ApiClient) -> Any:
+        if bucket is not None:
+            from orchestrator.objstore import check_access
+
+            await check_access(bucket.store, bucket.location.prefix)  # one line for a missing bucket
         execution = await api.find_execution(export_id, execution_id)
         name = execution.technical_name if execution else "export"
         return await fetch(
             lambda start: api.stream_result(export_id, execution_id, technical_name=name, start=start),
-            output,
+            target,
             tag=execution_id,
+            compression=compression,
         )
 
     result = _ops(api_url, body)
     summary = {
-        "path": str(output),
+        "path": output,
         "bytes": result.bytes,
         "records": result.records,
         "invalid_lines": result.stats.invalid_lines,
         "sha256": result.sha256,
     }
     if as_json:
-        _print_json(summary)
+        text = orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode() + "\n"
     else:
-        click.echo(
+        text = (
             f"{output}: {result.bytes} bytes, {result.records} records, "
-            f"{result.stats.invalid_lines} invalid lines, sha256 {result.sha256}"
+            f"{result.stats.invalid_lines} invalid lines, sha256 {result.sha256}\n"
         )
+    # With -o - stdout holds the data: the summary goes to stderr.
+    (sys.stderr if to_stdout else sys.stdout).write(text)
     return EXIT_OK
 
 

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -78,6 +79,28 @@ PositiveInt = Annotated[int, Field(gt=0), BeforeValidator(_not_bool)]
 Count = Annotated[int, Field(ge=0), BeforeValidator(_not_bool)]
 
 
+def _percent(value: float) -> float:
+    """A percentage: from 0 to 100 (checked after a string such as "150" became a number)."""
+    if not 0 <= value <= 100:
+        raise ValueError(f"must be a percentage from 0 to 100, not {value:g}")
+    return value
+
+
+Percent = Annotated[
+    float, Field(allow_inf_nan=False), BeforeValidator(_not_bool), AfterValidator(_percent)
+]
+
+
+def _duration(value: Any) -> float:
+    """A duration (``90m``, ``6h``, ``1d``, ``5h30m`` or seconds) as seconds."""
+    from orchestrator.guards import parse_duration
+
+    return parse_duration(value)
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -120,6 +143,19 @@ class Settings(_Strict):
     """When the server stated no length and the end could not be confirmed: fail the job
     (the default: never a possibly short file reported as success), or keep the file and
     say ``length_check: unverified`` in the manifest."""
+    # Guards (orchestrator/guards.py): judged on the complete file, before it is visible.
+    min_records: Count | None = None
+    """Fewer records than this fails the job (reason ``too_few_records``)."""
+    max_drop_pct: Percent | None = None
+    """A drop of more than this % of records against the job's last SUCCEEDED run fails it."""
+    max_erroneous_tasks_pct: Percent | None = None
+    """More than this % of the execution's tasks erroneous fails the job."""
+    max_invalid_lines: Count | None = None
+    """More invalid lines than this fails the job (on_invalid: fail is the same with 0, earlier)."""
+    on_guard_failure: Literal["reject", "keep"] = "reject"
+    """reject: a file a guard failed is kept as NAME.ndjson.rejected; keep: under its final name."""
+    reuse_within: Duration | None = None
+    """Download a SUCCEEDED execution of the export created this recently instead of creating one."""
 
 
 class Job(Settings):
@@ -193,6 +229,10 @@ class RunSettings(_Strict):
     keep_days: PositiveInt | None = None
     """After a run that SUCCEEDED, delete the run folders whose ``{date}`` is more than this
     many days before the run's date (only with ``{date}`` in the output folder; see retention.py)."""
+    deadline: Duration | None = None
+    """Stop the run this long after it started (INTERRUPTED, exit 124); no execution is created
+    for a job whose expected duration exceeds the time left. ``--deadline`` and
+    ``MICS_DEADLINE_S`` override it."""
 
     @field_validator("output_dir")
     @classmethod
@@ -215,11 +255,25 @@ class JobFile(_Strict):
         """The output folder as written (``--output-dir`` wins over ``run.output_dir``), ``{date}`` unresolved."""
         return override or self.run.output_dir
 
-    def output_dir(self, override: str | None = None, today: dt.date | None = None) -> Path:
-        """The output folder with ``{date}`` resolved (UTC)."""
+    def output_dir(self, override: str | None = None, today: dt.date | None = None) -> Path | str:
+        """The output folder with ``{date}`` resolved (UTC): a Path, or a bucket URL as a str.
+
+        A URL (``s3://``, ``gs://``, ``az://``, ``abfs://``) is checked here, so a bad one is
+        one line (exit 2) before anything is sent; any other ``scheme://`` is refused rather
+        than taken for a folder named ``s3a:``.
+        """
         template = self.output_template(override)
-        date = (today or utc_today()).isoformat()
-        return Path(template.replace("{date}", date))
+        resolved = template.replace("{date}", (today or utc_today()).isoformat())
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", resolved):
+            try:
+                from orchestrator.objstore import parse_location
+            except ImportError:
+                raise UsageError(
+                    f"{resolved}: writing to a bucket needs the cloud extra: pip install 'mics-export[cloud]'"
+                ) from None
+            parse_location(resolved)
+            return resolved
+        return Path(resolved)
 
     def base_url(self) -> str:
         """The API URL of the run: ``MICS_API_URL`` if set, else ``api.base_url``; checked."""

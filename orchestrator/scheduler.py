@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 import zlib
-from collections.abc import Generator, MutableMapping
+from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ import zstandard
 from orchestrator.api import ApiClient, RetryPolicy
 from orchestrator.config import Job, JobFile, load_job_file, read_token
 from orchestrator.context import bind_job
-from orchestrator.download import DownloadResult, download, output_name, sha256_of_file
+from orchestrator.download import DownloadResult, download, output_name
 from orchestrator.errors import (
     EXIT_FAILED,
     EXIT_OK,
@@ -55,6 +55,16 @@ from orchestrator.errors import (
     TransportError,
     UsageError,
 )
+from orchestrator.guards import (
+    Limits,
+    Measured,
+    RunHistory,
+    committed_name,
+    describe_duration,
+    evaluate,
+    expected_duration_s,
+    previous_records,
+)
 from orchestrator.manifest import (
     MANIFEST_NAME,
     JobRecord,
@@ -66,14 +76,18 @@ from orchestrator.manifest import (
     load_previous,
     now_iso,
     remove_stale_temp_files,
-    write_atomic,
 )
 from orchestrator.models import Execution, ExecutionStatus
+from orchestrator.sink import LocalSink, Sink
 from orchestrator.workers import ValidatorPool, default_workers, validator_pool
 
 log = logging.getLogger("orchestrator.scheduler")
 
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_DEADLINE = 124
+"""The run reached its deadline (run.deadline / --deadline) and stopped as on SIGTERM (like timeout(1))."""
+DEADLINE_SIGNAL = signal.SIGALRM
+"""Stands for the deadline in the list of stop reasons: the run's own alarm clock, never sent."""
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143, DEADLINE_SIGNAL: EXIT_DEADLINE}
 ADOPT_WINDOW_MS = 30_000
 """Clock skew allowed when looking for an execution whose create answer was lost."""
 LOCAL_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)
@@ -83,6 +97,8 @@ ERROR_FILE_TIMEOUT_S = 30.0
 """The most a FAILED execution's error file may take (never past the attempt's deadline)."""
 ERROR_FILE_MAX_BYTES = 1 << 20
 """The most of an error file kept: it is for a person to read."""
+REUSE_PAGES = 2
+"""reuse_within looks at this many pages (of 10, newest first) of the export's executions."""
 CREATE_TRIES_MIN = 3
 """Creates whose outcome is unknown (5xx, cut answer) tried at least this often (else max_tries)."""
 POLL_MAX_EXPONENT = 32
@@ -112,16 +128,23 @@ class RunOptions:
     workers: int | None = None
     metrics_pushgateway: str | None = None
     verbosity: int = 0
+    deadline_s: float | None = None
+    """--deadline or MICS_DEADLINE_S (seconds from the start of the run); run.deadline otherwise."""
 
 
 class Runner:
     """Runs a set of jobs against one API client, recording everything in the manifest."""
 
+    deadline: float | None = None
+    """anyio clock time when the run stops (set by _arm): no execution is created past what fits."""
+    history: RunHistory | None = None
+    """Earlier runs, for max_drop_pct, reuse of a query job's execution and expected durations."""
+
     def __init__(
         self,
         jobs: tuple[Job, ...],
         api: ApiClient,
-        output_dir: Path,
+        output_dir: Path | Sink,
         *,
         concurrency: int,
         manifest: Manifest,
@@ -131,10 +154,13 @@ class Runner:
     ) -> None:
         self.jobs = jobs
         self.api = api
-        self.output_dir = output_dir
+        # Where outputs, error files and the manifest go: a folder or a bucket prefix.
+        self.sink: Sink = LocalSink(output_dir) if isinstance(output_dir, Path) else output_dir
+        self.output_dir = output_dir if isinstance(output_dir, Path) else None
+        """The local folder (None for a bucket)."""
         self.limiter = anyio.CapacityLimiter(concurrency)
         self.manifest = manifest
-        self.writer = ManifestWriter(manifest, output_dir / MANIFEST_NAME)
+        self.writer = ManifestWriter(manifest, self.sink.manifest_store())
         self.query_prefix = query_prefix
         self.pool = pool
         self.auth_error: AuthError | None = None
@@ -258,24 +284,35 @@ class Runner:
         )
 
     async def _already_done(self, job: Job, rec: JobRecord) -> bool:
-        """An earlier run into this folder left this job's complete, intact file."""
+        """An earlier run into this folder (prefix) left this job's complete, intact file:
+        locally its sha256 is checked; in a bucket the object's size and ETag must be those
+        recorded when its upload completed (no download either way)."""
         if rec.status is not JobStatus.SUCCEEDED or not rec.path or not rec.sha256:
             return False
-        path = self.output_dir / rec.path
-        if not path.is_file() or rec.path != output_name(job.name, job.compression):
+        if rec.path != output_name(job.name, job.compression):
             return False
         try:
-            digest = await anyio.to_thread.run_sync(sha256_of_file, path, job.compression, abandon_on_cancel=True)
-        except LOCAL_ERRORS:
-            return False  # unreadable or corrupt: download it again
-        return digest == rec.sha256
+            return await self.sink.verify(rec, job.compression)
+        except MicsExportError as exc:
+            if not _is_storage_error(exc):
+                raise
+            log.warning("cannot check %s (%s): fetching it again", self.sink.label(rec.path), exc)
+            return False
 
     async def _attempts(self, job: Job, rec: JobRecord, jl: JobLog) -> None:
         export_id = rec.export_id
         assert export_id is not None
         # An interrupted earlier run keeps its retry budget; a finished, failed one gets a fresh one.
         budget_start = rec.attempts if rec.status.is_final else 0
-        adopt = (rec.execution_id is not None and not rec.status.is_final) or rec.status is JobStatus.SUCCEEDED
+        # A job that FAILED or TIMED_OUT on our side (disk full, a manifest write, a cut
+        # download) may have left a SUCCEEDED execution: adopt it rather than pay for another.
+        # Not one a guard rejected: the same file would get the same verdict, and the usual
+        # cure of a suspect export is fresh data (reuse_within re-judges it when wanted).
+        reclaim = rec.status in (JobStatus.FAILED, JobStatus.TIMED_OUT) and rec.guard is None
+        adopt = (
+            (rec.execution_id is not None and not rec.status.is_final) or rec.status is JobStatus.SUCCEEDED or reclaim
+        )
+        rec.guard = rec.note = rec.previous_records = rec.reused_from = None  # this run's verdict replaces them
         while True:
             execution: Execution | None = None
             latest: Execution | None = None
@@ -283,8 +320,13 @@ class Runner:
             # and the create as much as the polls and the download.
             try:
                 with anyio.fail_after(job.timeout_s) as attempt:
-                    execution, adopted = await self._adopt_or_create(job, rec, jl, export_id, adopt=adopt)
-                    adopt = False
+                    execution, adopted = await self._adopt_or_create(
+                        job, rec, jl, export_id, adopt=adopt, reclaim=reclaim
+                    )
+                    # A file had from an execution this run did not follow from the start (reused,
+                    # or reclaimed from a failed run) that cannot be had whole gets one new execution.
+                    second_hand = adopted and ((adopt and reclaim) or rec.reused_from is not None)
+                    adopt = reclaim = False
                     jl.extra = {**(jl.extra or {}), "execution_id": execution.id}
                     if adopted:
                         # An execution adopted from an interrupted run gets a whole timeout_s from
@@ -295,11 +337,29 @@ class Runner:
                     if final.is_success:
                         try:
                             await self._download(job, rec, jl, export_id, final)
+                            if rec.guard is not None:
+                                jl.error(
+                                    "FAILED by a guard: %s (file kept as %s)",
+                                    rec.error,
+                                    rec.path,
+                                    extra={"event": "guard_failed", "guard": rec.guard, "error": rec.error},
+                                )
                             return
                         except NotFoundError:
                             if not adopted:
                                 raise
                             jl.warning("the adopted execution's file is gone: starting a new execution")
+                            continue
+                        except (JobError, TransportError, ApiError) as exc:
+                            if not second_hand or isinstance(exc, AuthError):
+                                raise
+                            jl.warning(
+                                "could not get the file of execution %s (%s): starting a new execution",
+                                final.id,
+                                self.api.scrub(str(exc)),
+                                extra={"event": "second_hand_failed"},
+                            )
+                            rec.reused_from = None
                             continue
                     deadline = attempt.deadline
             except TimeoutError:
@@ -336,20 +396,28 @@ class Runner:
             )
 
     async def _adopt_or_create(
-        self, job: Job, rec: JobRecord, jl: JobLog, export_id: str, *, adopt: bool
+        self, job: Job, rec: JobRecord, jl: JobLog, export_id: str, *, adopt: bool, reclaim: bool = False
     ) -> tuple[Execution, bool]:
-        """The execution to follow: an earlier run's (once), a lost create's, or a new one;
-        and whether it was adopted from before this attempt (its timeout then restarts)."""
+        """The execution to follow: an earlier run's (once), a recent SUCCEEDED one
+        (``reuse_within``), a lost create's, or a new one (if it fits before the deadline);
+        and whether it was adopted from before this attempt (its timeout then restarts).
+        ``reclaim``: the earlier run's record is final (FAILED on our side): only a SUCCEEDED
+        execution of it is worth adopting."""
         if adopt and rec.execution_id:
             found = await self.api.find_execution(export_id, rec.execution_id)
-            if found is not None and (found.is_success or not found.is_final):
+            if found is not None and (found.is_success or not (found.is_final or reclaim)):
                 jl.info(
-                    "adopting execution %s (%s) from an earlier run",
+                    "adopting execution %s (%s) from an earlier run%s",
                     found.id,
                     found.raw_status,
+                    " that failed after it (no new execution to pay for)" if reclaim else "",
                     extra={"event": "adopted", "execution_id": found.id},
                 )
                 return found, True
+        if job.reuse_within is not None and rec.creating_since is None:
+            reused = await self._find_reusable(job, rec, jl, export_id)
+            if reused is not None:
+                return reused, True
         tries = max(CREATE_TRIES_MIN, self.api.retry.max_tries)
         unknown: MicsExportError | None = None
         for n in range(tries):
@@ -368,6 +436,7 @@ class Runner:
                     self._started(rec, lost)
                     self.writer.mark()
                     return lost, unknown is None
+            self._check_deadline(job, jl)
             rec.creating_since = int(time.time() * 1000)
             await self.writer.save()  # the intent is on disk before the POST
             try:
@@ -413,6 +482,68 @@ class Runner:
         rec.bytes = rec.records = rec.sha256 = rec.path = None
         rec.invalid_lines, rec.invalid_line_numbers = 0, []
 
+    async def _find_reusable(self, job: Job, rec: JobRecord, jl: JobLog, export_id: str) -> Execution | None:
+        """The newest SUCCEEDED execution of the export created within ``reuse_within`` (first
+        REUSE_PAGES pages, newest first), recorded as reused; None if there is none.
+
+        A query job's export may have had another query when an execution was made (the
+        platform does not say which query an execution ran): only an execution an earlier
+        run recorded for this job on the very same query id is reused.
+        """
+        assert job.reuse_within is not None
+        since_ms = int((time.time() - job.reuse_within) * 1000)
+        known: set[str] | None = None
+        if job.query is not None:
+            known = self.history.executions_on_query(job.name, rec.query_id) if self.history and rec.query_id else set()
+        seen = 0
+        async for candidate in self.api.iter_executions(export_id, 10, max_pages=REUSE_PAGES + 1):
+            seen += 1
+            usable = (
+                candidate.creation_date is not None
+                and candidate.creation_date >= since_ms
+                and candidate.is_success
+                and (known is None or candidate.id in known)
+            )
+            if not usable:
+                if seen >= REUSE_PAGES * 10:
+                    break  # before the walk asks for a page more
+                continue
+            assert candidate.creation_date is not None
+            created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(candidate.creation_date / 1000))
+            self._started(rec, candidate)  # an execution this job used: it counts in attempts
+            rec.reused_from = {"execution_id": candidate.id, "created_at": created}
+            self.writer.mark()
+            jl.info(
+                "reusing execution %s (SUCCEEDED, created %s, within reuse_within=%s): no new execution",
+                candidate.id,
+                created,
+                describe_duration(job.reuse_within),
+                extra={"event": "reused", "execution_id": candidate.id, "created_at": created},
+            )
+            return candidate
+        jl.info(
+            "no SUCCEEDED execution created within reuse_within=%s among the newest %d%s: creating one",
+            describe_duration(job.reuse_within),
+            seen,
+            " (a query job reuses only executions an earlier run recorded on its query)" if known is not None else "",
+            extra={"event": "reuse_none"},
+        )
+        return None
+
+    def _check_deadline(self, job: Job, jl: JobLog) -> None:
+        """Raise JobError ("skipped: deadline ...") when the job is not expected to finish before
+        the run's deadline: no execution is created that the deadline would cut short."""
+        if self.deadline is None:
+            return
+        left = self.deadline - anyio.current_time()
+        expected, source = expected_duration_s(self.history, job.name, job.timeout_s)
+        if left >= expected:
+            return
+        raise JobError(
+            f"skipped: deadline: {describe_duration(left)} left before the run's deadline, and the job is "
+            f"expected to take {describe_duration(expected)} ({source}): no execution created"
+        )
+
     async def _find_lost_create(self, export_id: str, since_ms: int) -> Execution | None:
         """The execution a lost create made: the oldest one created since the intent."""
         claimed = {r.execution_id for r in self.manifest.jobs.values()}
@@ -456,6 +587,28 @@ class Runner:
                     )
             return found
 
+        def polled(details: Any) -> None:
+            # Every poll at DEBUG (-v), in any log format and whether or not stderr is a terminal.
+            found: Execution = details["value"]
+            wait = details.get("wait")
+            jl.debug(
+                "poll %d: execution %s %s, %s/%s tasks done%s%s",
+                details["tries"],
+                found.id,
+                found.raw_status,
+                "?" if found.completed_tasks is None else found.completed_tasks,
+                "?" if found.num_tasks is None else found.num_tasks,
+                f" ({found.erroneous_tasks} erroneous)" if found.erroneous_tasks else "",
+                f"; next poll in {wait:.2f}s" if wait is not None else "",
+                extra={
+                    "event": "poll",
+                    "status": found.raw_status,
+                    "completed_tasks": found.completed_tasks,
+                    "num_tasks": found.num_tasks,
+                    "next_wait_s": None if wait is None else round(wait, 3),
+                },
+            )
+
         await self._observe(rec, execution)
         if execution.is_final:
             return execution
@@ -466,6 +619,8 @@ class Runner:
             max_s=job.poll.max_s,
             jitter=None,  # poll_waits draws its own
             logger=None,
+            on_backoff=polled,
+            on_success=polled,
         )(once)
         result: Execution = await poller()
         return result
@@ -489,11 +644,13 @@ class Runner:
             self.writer.mark()
 
     async def _download(self, job: Job, rec: JobRecord, jl: JobLog, export_id: str, execution: Execution) -> None:
-        dest = self.output_dir / output_name(job.name, job.compression)
+        stale = tuple(self._stale.pop(job.name, ()))
+        dest = self.sink.target(output_name(job.name, job.compression), execution.id, stale)
         # A part file is ours to resume only if the manifest recorded this very execution's
         # download (a killed run): anything else under its name was planted or is stale.
         resume = rec.execution_id == execution.id and rec.status in (JobStatus.DOWNLOADING, JobStatus.SUCCEEDED)
-        ours_at_dest = rec.status is JobStatus.SUCCEEDED and rec.path == dest.name
+        # Ours: an earlier success, or a file a guard failed but on_guard_failure: keep left there.
+        ours_at_dest = rec.path == dest.name and (rec.status is JobStatus.SUCCEEDED or rec.guard is not None)
         rec.status = JobStatus.DOWNLOADING
         live = self.manifest.live_of(job.name)
         live.downloaded = 0
@@ -503,7 +660,7 @@ class Runner:
         def progress(n: int) -> None:
             live.downloaded = n
 
-        async def record(result: DownloadResult) -> None:
+        async def record(result: DownloadResult) -> str | None:
             # Saved before the rename: a kill between the two leaves a complete part file
             # that the rerun finishes at once (416 at its end), never a second download.
             rec.status = JobStatus.SUCCEEDED
@@ -512,24 +669,34 @@ class Runner:
             rec.invalid_lines = result.stats.invalid_lines
             rec.invalid_line_numbers = list(result.stats.invalid_line_numbers)
             rec.length_check = result.length_check
+            rec.etag = rec.object_size = None  # known once the upload completes (below)
+            # The guards judge the complete file here, before anything can see it: a rejected
+            # file is committed under another name (returned), never under its final one.
+            name = await self._judge(job, rec, jl, execution, result.records, result.stats.invalid_lines, dest.name)
             await self.writer.save()
+            return name
 
-        result = await download(
-            lambda start: self.api.stream_result(
-                export_id, execution.id, technical_name=execution.technical_name, start=start
-            ),
-            dest,
-            compression=job.compression,
-            tag=execution.id,
-            resume=resume,
-            on_invalid=job.on_invalid,
-            on_progress=progress,
-            pool=self.pool,
-            stale_tags=self._stale.pop(job.name, ()),
-            before_rename=record,
-            max_line_bytes=job.max_line_bytes,
-            on_unverified_length=job.on_unverified_length,
-        )
+        with _storage_fails_job():
+            result = await download(
+                lambda start: self.api.stream_result(
+                    export_id, execution.id, technical_name=execution.technical_name, start=start
+                ),
+                dest,
+                compression=job.compression,
+                tag=execution.id,
+                resume=resume,
+                on_invalid=job.on_invalid,
+                on_progress=progress,
+                pool=self.pool,
+                before_rename=record,
+                max_line_bytes=job.max_line_bytes,
+                on_unverified_length=job.on_unverified_length,
+            )
+        if result.etag is not None:
+            # What a rerun compares with a HEAD to trust the object without downloading it.
+            # Marked, not saved: a kill before the next write only costs that rerun a download.
+            rec.etag, rec.object_size = result.etag, result.object_size
+            self.writer.mark()
         if result.replaced is not None:
             (jl.info if ours_at_dest else jl.warning)(
                 "replaced %s that was already at %s%s",
@@ -546,14 +713,16 @@ class Runner:
             )
         elapsed = max(1e-9, time.monotonic() - started)
         jl.info(
-            "SUCCEEDED: %d records, %d bytes in %.1fs (%.1f MB/s)%s",
+            "%s: %d records, %d bytes in %.1fs (%.1f MB/s)%s",
+            # A guard may have failed the complete file (record() said so): say what it is.
+            "SUCCEEDED" if rec.status is JobStatus.SUCCEEDED else f"downloaded (then {rec.status.value} by a guard)",
             result.records,
             result.bytes,
             elapsed,
             (result.bytes - result.resumed_from) / elapsed / 1e6,
             f", resumed at byte {result.resumed_from}" if result.resumed_from else "",
             extra={
-                "event": "job_succeeded",
+                "event": "job_succeeded" if rec.status is JobStatus.SUCCEEDED else "job_downloaded",
                 "records": result.records,
                 "bytes": result.bytes,
                 "sha256": result.sha256,
@@ -578,6 +747,36 @@ class Runner:
                 "the export is empty (0 records): check its query — a bad query silently yields an empty file",
                 extra={"event": "empty_result"},
             )
+
+    async def _judge(
+        self, job: Job, rec: JobRecord, jl: JobLog, execution: Execution, records: int, invalid: int, final_name: str
+    ) -> str | None:
+        """Apply the job's guards to a complete file (inside record(), before the commit);
+        a trip makes ``rec`` FAILED with the guard, value and limit. Returns the name to
+        commit the file under instead of ``final_name`` (``NAME.ndjson.rejected``), or None."""
+        limits = Limits.of(job)
+        before: int | None = None
+        if limits.max_drop_pct is not None:
+            # Earlier manifests are read from disk (once each): off the event loop.
+            before, where = await anyio.to_thread.run_sync(previous_records, self.history, job.name)
+            rec.previous_records = before
+            if where is not None:
+                jl.debug("max_drop_pct: compared with %d record(s) of the run in %s", before, where)
+        verdict = evaluate(
+            limits,
+            Measured(records, invalid, execution.erroneous_tasks, execution.num_tasks, before),
+        )
+        rec.note = "; ".join(verdict.notes) or None
+        for note in verdict.notes:
+            jl.info("%s", note, extra={"event": "guard_note"})
+        if verdict.trip is None:
+            return None
+        name = committed_name(final_name, limits, verdict)
+        rec.status = JobStatus.FAILED
+        rec.guard = verdict.trip.as_dict()
+        rec.error = verdict.error
+        rec.path = name or final_name
+        return name
 
     async def _record_failure(
         self, job: Job, rec: JobRecord, jl: JobLog, execution: Execution, deadline: float
@@ -607,7 +806,8 @@ class Runner:
             if text is not None:
                 text = self.api.scrub(text)
                 name = f"{job.name}.error.txt"
-                await anyio.to_thread.run_sync(write_atomic, self.output_dir / name, text)
+                with _storage_fails_job():
+                    await self.sink.write(name, text)
                 rec.error_file = name
                 first = text.decode("utf-8", "replace").strip().splitlines()[:1]
                 line = " ".join(first[0].split())[:200] if first else ""
@@ -621,12 +821,49 @@ class Runner:
 
     async def _cancel(self, export_id: str, execution_id: str, jl: JobLog) -> None:
         """Best effort: the cancel endpoint is assumed, and its failure changes nothing."""
-        with anyio.move_on_after(10, shield=True):
+        with anyio.move_on_after(10, shield=True) as scope:
             try:
                 await self.api.cancel_execution(export_id, execution_id)
-                jl.info("asked the platform to cancel execution %s", execution_id)
             except MicsExportError as exc:
-                jl.info("could not cancel execution %s: %s", execution_id, exc)
+                jl.warning(
+                    "could not cancel execution %s: the platform answered %s",
+                    execution_id,
+                    self.api.scrub(str(exc)),
+                    extra={"event": "cancel_failed", "error": self.api.scrub(str(exc))},
+                )
+                return
+            # What the platform says now: a cancel it accepted but did not act on is worth knowing.
+            try:
+                after = await self.api.find_execution(export_id, execution_id)
+            except MicsExportError as exc:
+                after, why = None, f"its status could not be read ({self.api.scrub(str(exc))})"
+            else:
+                why = "it is no longer listed" if after is None else f"it is now {after.raw_status}"
+            jl.info(
+                "asked the platform to cancel execution %s: accepted; %s",
+                execution_id,
+                why,
+                extra={"event": "cancelled", "status": after.raw_status if after else None},
+            )
+        if scope.cancelled_caught:
+            jl.warning("the platform did not answer the cancel of execution %s within 10s", execution_id)
+
+
+@contextlib.contextmanager
+def _storage_fails_job() -> Generator[None, None, None]:
+    """A bucket refusing one object fails that job (like a full disk), not the whole run."""
+    try:
+        yield
+    except MicsExportError as exc:
+        if not _is_storage_error(exc):
+            raise
+        raise JobError(str(exc)) from None
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    """An object-storage error (objstore is imported only when a bucket is used)."""
+    objstore = sys.modules.get("orchestrator.objstore")
+    return objstore is not None and isinstance(exc, objstore.StorageError | objstore.StorageUsageError)
 
 
 def poll_waits(initial_s: float, max_s: float) -> Generator[float, Any, None]:
@@ -710,7 +947,10 @@ def execute(options: RunOptions) -> int:
     from orchestrator.config import utc_today
 
     today = utc_today()  # one date for {date} and for retention, even across midnight
-    output_dir = job_file.output_dir(options.output_dir, today)
+    output = job_file.output_dir(options.output_dir, today)
+    if isinstance(output, str):
+        return _execute_bucket(options, job_file, jobs, shard, token, base_url, output)
+    output_dir = output
     if shard is not None and options.output_dir is None:
         from orchestrator.sharding import shard_folder
 
@@ -749,7 +989,7 @@ def execute(options: RunOptions) -> int:
                 extra={"event": "empty_shard"},
             )
         previous = load_previous(output_dir / MANIFEST_NAME)  # a corrupt one is moved aside, loudly
-        plan = _Plan(options, job_file, jobs, shard, token, base_url, output_dir, live, previous)
+        plan = _Plan(options, job_file, jobs, shard, token, base_url, LocalSink(output_dir), live, previous)
         code = anyio.run(_main, plan)
         if code == EXIT_OK and job_file.run.keep_days is not None:
             from orchestrator.retention import prune
@@ -759,6 +999,54 @@ def execute(options: RunOptions) -> int:
         return code
     finally:
         os.close(lock)
+
+
+def _execute_bucket(
+    options: RunOptions,
+    job_file: JobFile,
+    jobs: tuple[Job, ...],
+    shard: tuple[int, int] | None,
+    token: str | None,
+    base_url: str,
+    url: str,
+) -> int:
+    """``run`` into a bucket prefix: the same run, through a :class:`BucketSink`.
+
+    The bucket is checked (it exists, the credential is accepted) and its lock taken in
+    ``_main`` before any execution is created; the earlier manifest is read from there.
+    """
+    from orchestrator.objstore import Location, parse_location
+
+    location = parse_location(url)
+    if shard is not None and options.output_dir is None:
+        from orchestrator.sharding import shard_folder
+
+        # As for folders: each shard of an Indexed Job writes its own prefix (own lock, own manifest).
+        location = Location(location.scheme, location.bucket, location.key(shard_folder(*shard)), location.account)
+    live = options.progress == "on" or (options.progress == "auto" and sys.stderr.isatty())
+    from orchestrator.logs import setup_logging
+
+    setup_logging(options.log_format, options.verbosity, secrets=[token] if token else [], quiet=live)
+    from orchestrator.bucket_sink import BucketSink, lease_from_env
+
+    sink = BucketSink(location, lease_s=lease_from_env())  # configuration only: no request yet
+    if shard is not None and not jobs:
+        log.warning(
+            "shard %d/%d selects none of the %d job(s) of %s: nothing to do",
+            *shard,
+            len(job_file.select(options.only)),
+            options.jobs_file,
+            extra={"event": "empty_shard"},
+        )
+    plan = _Plan(options, job_file, jobs, shard, token, base_url, sink, live, None)
+    code = anyio.run(_main, plan)
+    if job_file.run.keep_days is not None:
+        log.info(
+            "run.keep_days is for local folders: skipped for %s (use the bucket's lifecycle rules)",
+            location,
+            extra={"event": "retention_skipped"},
+        )
+    return code
 
 
 def _claim(output_dir: Path) -> int:
@@ -799,14 +1087,15 @@ class _Plan:
     shard: tuple[int, int] | None
     token: str | None
     base_url: str
-    output_dir: Path
+    sink: Sink
+    """The output folder or bucket prefix (a folder is already locked; a bucket's lock is taken in _main)."""
     live: bool
     previous: Manifest | None = None
     """The manifest an earlier run into this folder left (what this run resumes)."""
 
 
 async def _main(plan: _Plan) -> int:
-    options, job_file, jobs, output_dir = plan.options, plan.job_file, plan.jobs, plan.output_dir
+    options, job_file, jobs, sink = plan.options, plan.job_file, plan.jobs, plan.sink
     token, base_url = plan.token, plan.base_url
     async with contextlib.AsyncExitStack() as stack:
         if options.simulate:
@@ -833,12 +1122,21 @@ async def _main(plan: _Plan) -> int:
         )
         workers = default_workers() if options.workers is None else options.workers
         pool = await stack.enter_async_context(validator_pool(workers)) if workers > 0 else None
-        previous = plan.previous
         manifest = Manifest()
+        previous = plan.previous
+        if sink.is_bucket:
+            from orchestrator.bucket_sink import BucketSink
+
+            assert isinstance(sink, BucketSink)
+            # Before any execution: a missing bucket or a refused credential is one line (exit
+            # 2), and a prefix another run holds is refused; the lock is released on the way out.
+            await sink.open(manifest.run_id)
+            stack.push_async_callback(_shielded, sink.release)
+            previous = await sink.read_previous()
         runner = Runner(
             jobs,
             api,
-            output_dir,
+            sink,
             concurrency=options.concurrency or job_file.run.concurrency,
             manifest=manifest,
             previous=previous,
@@ -849,7 +1147,7 @@ async def _main(plan: _Plan) -> int:
             "run %s: %d job(s) into %s, concurrency %d, %d validation worker(s)%s",
             manifest.run_id,
             len(jobs),
-            output_dir,
+            sink.url,
             runner.limiter.total_tokens,
             workers,
             f", resuming run {previous.run_id}" if previous else "",
@@ -882,8 +1180,12 @@ async def _main(plan: _Plan) -> int:
                     manifest.status = await runner.run()
                     tg.cancel_scope.cancel()
 
+                _arm(plan, runner, tg, received)  # earlier runs, and the deadline watcher
                 tg.start_soon(watch_signals)
                 tg.start_soon(work)
+                keep_alive = getattr(sink, "keep_alive", None)
+                if keep_alive is not None:
+                    tg.start_soon(keep_alive)  # LockLostError stops the run: another may write here
         except BaseException as exc:
             crashed = exc  # reported by the CLI as one line; here only the manifest's last word
             raise
@@ -899,7 +1201,8 @@ async def _main(plan: _Plan) -> int:
             manifest.finished_at = now_iso()
             manifest.exit_code = _exit_code(manifest.status, received, crashed)
             try:
-                runner.writer.save_now()
+                with anyio.CancelScope(shield=True):
+                    await runner.writer.save_last()
             except ManifestWriteError:
                 # Already logged by the writer. The file on disk is behind (it may still say
                 # RUNNING): never exit 0 on it.
@@ -911,7 +1214,7 @@ async def _main(plan: _Plan) -> int:
                 )
             if view is not None:
                 view.__exit__(None, None, None)
-                view.summary(str(output_dir / MANIFEST_NAME))
+                view.summary(sink.label(MANIFEST_NAME))
         if not manifest_written and manifest.status is RunStatus.SUCCEEDED:
             manifest.status = RunStatus.FAILED  # what the report and the metrics say
         _report(manifest, jobs)
@@ -919,6 +1222,43 @@ async def _main(plan: _Plan) -> int:
     if received:
         return EXIT_SIGNAL[received[0]]
     return EXIT_OK if manifest.status is RunStatus.SUCCEEDED and manifest_written else EXIT_FAILED
+
+
+async def _shielded(step: Callable[[], Awaitable[None]]) -> None:
+    """Run a clean-up step even while the run is being cancelled."""
+    with anyio.CancelScope(shield=True):
+        await step()
+
+
+def _arm(plan: _Plan, runner: Runner, tg: anyio.abc.TaskGroup, received: list[signal.Signals]) -> None:
+    """Give the runner what earlier runs say (guards, reuse, expected durations) and, with a
+    deadline (--deadline, MICS_DEADLINE_S, run.deadline), a watcher that stops the run
+    there as SIGTERM would: INTERRUPTED, part files removed, exit 124 (EXIT_DEADLINE)."""
+    template = plan.job_file.output_template(plan.options.output_dir)
+    # Before the run changes them: the records are this folder's previous manifest now.
+    folder = runner.sink.folder if isinstance(runner.sink, LocalSink) else None  # buckets: see guards.py
+    runner.history = RunHistory.local(folder, template, runner.manifest.jobs)
+    deadline_s = plan.options.deadline_s if plan.options.deadline_s is not None else plan.job_file.run.deadline
+    if deadline_s is None:
+        return
+    runner.deadline = deadline = anyio.current_time() + deadline_s
+
+    async def watch_deadline() -> None:
+        await anyio.sleep_until(deadline)
+        received.append(DEADLINE_SIGNAL)
+        log.warning(
+            "deadline reached (%s after the start): stopping; a rerun resumes",
+            describe_duration(deadline_s),
+            extra={"event": "deadline_reached"},
+        )
+        tg.cancel_scope.cancel()
+
+    log.info(
+        "deadline in %s: no execution is created that is not expected to end before it",
+        describe_duration(deadline_s),
+        extra={"event": "deadline_set", "deadline_s": deadline_s},
+    )
+    tg.start_soon(watch_deadline)
 
 
 def _exit_code(status: RunStatus, received: list[signal.Signals], crashed: BaseException | None) -> int:
