@@ -2,7 +2,8 @@
 
 Parsing every line with orjson is the pipeline's ceiling on one core (PERF-NOTES), so
 with ``--workers N`` the parsing happens in N child processes and the event loop only
-receives, hashes (in the writer thread) and writes.
+receives, hashes (in the writer thread) and writes. Each batch is checked with
+:func:`~orchestrator.ndjson.check_block` (one yyjson parse proves many lines' verdicts).
 
 How bytes reach a worker: the main process copies a *line-aligned* batch (the held-back
 incomplete line plus the complete lines of a chunk) into one slot of a shared memory
@@ -16,7 +17,7 @@ Back-pressure: a batch needs a free slot, so at most ``slots × slot_bytes`` byt
 for validation whatever the files' sizes. Results are merged per download in batch
 order, so invalid line numbers are exact. Workers are plain ``python -m
 orchestrator.workers`` processes started with anyio (no multiprocessing), importing
-only orjson and :mod:`orchestrator.ndjson`.
+only orjson, yyjson and :mod:`orchestrator.ndjson`.
 
 A line longer than ``long_line_bytes`` (4 MiB) does not fit the ring's slots and would
 hold the GIL for seconds if parsed here (module docstring of :mod:`orchestrator.ndjson`):
@@ -40,7 +41,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.ndjson import MAX_INVALID_LINE_NUMBERS, LineStats, LineTooLongError, Verdict, check_lines, classify
+from orchestrator.ndjson import MAX_INVALID_LINE_NUMBERS, LineStats, LineTooLongError, Verdict, check_block, classify
 
 if TYPE_CHECKING:  # the worker processes must not pay for importing anyio
     import anyio
@@ -66,6 +67,12 @@ def default_workers() -> int:
     return max(1, cpus)
 
 
+def _check_batch(batch: bytes, stats: LineStats) -> None:
+    """Check a line-aligned batch: complete lines, except that the last may lack its newline
+    (the end of the file). The newline that ends a batch does not start a line."""
+    check_block(batch if not batch or batch[-1:] == b"\n" else batch + b"\n", stats)
+
+
 # -- the worker process --------------------------------------------------------------------
 def _serve(fd: int, size: int) -> None:
     """Worker loop: parse slots as requested until stdin closes."""
@@ -77,11 +84,8 @@ def _serve(fd: int, size: int) -> None:
         if len(header) < REQUEST.size:
             return
         slot_offset, length, token = REQUEST.unpack(header)
-        lines = ring[slot_offset : slot_offset + length].split(b"\n")
-        if lines and not lines[-1]:
-            lines.pop()  # the newline that ends the batch does not start a line
         stats = LineStats()
-        check_lines(lines, stats)
+        _check_batch(ring[slot_offset : slot_offset + length], stats)
         numbers = stats.invalid_line_numbers[:MAX_INVALID_LINE_NUMBERS]
         answers.write(
             RESPONSE.pack(token, slot_offset, stats.lines, stats.blank_lines, stats.invalid_lines, len(numbers))
@@ -278,10 +282,7 @@ class ValidatorPool:
         if length > self.slot_bytes or not alive:
             # A line longer than a slot (rare), or no worker left: check it here, in order.
             stats = LineStats()
-            lines = b"".join(parts).split(b"\n")
-            if lines and not lines[-1]:
-                lines.pop()
-            check_lines(lines, stats)
+            _check_batch(b"".join(parts), stats)
             owner.deliver(seq, stats)
             return
         await self._slot_sem.acquire()
