@@ -466,7 +466,11 @@ async def test_cut_download_resumes_at_the_right_offset(mode: str) -> None:
         data = await collect(api.stream_result("1", exe_id))
         assert data == spec.result().read_all()
         assert sim.stats.faults["reset"] == 1
-        assert sim.stats.range_starts == [(exe_id, 50_000)]
+        # A clean close delivers every byte before the cut; a TCP reset may discard some of
+        # them in flight, so the resume starts where the bytes that arrived end.
+        [(resumed_id, resumed_at)] = sim.stats.range_starts
+        assert resumed_id == exe_id
+        assert resumed_at == 50_000 if mode == "close" else 0 < resumed_at <= 50_000
         assert sim.stats.downloads_started[exe_id] == 2
         assert sim.stats.downloads_completed[exe_id] == 1
 

@@ -291,7 +291,10 @@ def test_download_survives_cut_connections(tmp_path: Path) -> None:
         out = tmp_path / "cut.ndjson"
         done = cli(sim, "download", "9879", execution_id, "-o", str(out), "--json")
         assert sim.stats.faults["reset"] == 1
-        assert sim.stats.range_starts == [(execution_id, 100_000)]
+        # One resume, from what had arrived: a TCP reset may discard bytes the server had
+        # already written (up to the cut at 100,000), never more.
+        [(resumed_id, resumed_at)] = sim.stats.range_starts
+        assert resumed_id == execution_id and 0 < resumed_at <= 100_000
     assert done.returncode == 0, done.stderr
     assert out.read_bytes() == spec.result().read_all()
     summary = orjson.loads(done.stdout)
