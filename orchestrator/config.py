@@ -15,6 +15,8 @@ import datetime as dt
 import difflib
 import os
 import re
+import stat
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -41,6 +43,18 @@ NAME_MAX_BYTES = 200
 must stay under the 255 bytes most file systems allow in a name."""
 ID_RE = re.compile(r"[0-9]+")
 """The API's ids are strings of ASCII digits; anything else would end up in a URL path."""
+MAX_JOB_FILE_BYTES = 16 << 20
+"""A job file larger than this is refused unread: a real one is kilobytes, and PyYAML parses
+at a few MB/s, so a runaway file (a log written over it) must not stall the run for minutes."""
+MAX_YAML_NODES = 1_000_000
+"""The most values a job file may hold once its aliases are expanded: PyYAML shares an
+aliased value rather than copying it, so a "billion laughs" file is small in memory, but
+anything that walks it (validation, an error message) would visit every expansion."""
+MAX_SECONDS = 10 * 366 * 86_400.0
+"""The longest duration (seconds) any setting takes: ten years. Beyond it a value is a typo,
+and date arithmetic on it (``now - reuse_within``) would overflow."""
+MAX_COUNT = 1_000_000
+"""The largest count (concurrency, retries, requests in flight) a setting takes."""
 
 
 def _as_id(value: Any) -> Any:
@@ -66,6 +80,21 @@ def _show(value: str, limit: int = 40) -> str:
     return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
+def _brief(value: Any, limit: int = 60) -> str:
+    """Any YAML value for a message, in bounded time and length.
+
+    ``repr`` will not do: an aliased tree would be expanded whole, and an int of more
+    than 4,300 digits refuses to become a string.
+    """
+    if isinstance(value, str):
+        return _show(value, limit)
+    if isinstance(value, bool | float) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() < 128 else f"a {value.bit_length()}-bit number"
+    return f"a {type(value).__name__}"
+
+
 def _not_bool(value: Any) -> Any:
     """YAML's ``true`` is not the number 1: pydantic's lax mode would take it as one."""
     if isinstance(value, bool):
@@ -74,9 +103,11 @@ def _not_bool(value: Any) -> Any:
 
 
 Id = Annotated[str, BeforeValidator(_as_id)]
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False), BeforeValidator(_not_bool)]
-PositiveInt = Annotated[int, Field(gt=0), BeforeValidator(_not_bool)]
-Count = Annotated[int, Field(ge=0), BeforeValidator(_not_bool)]
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False), BeforeValidator(_not_bool)]
+PositiveFloat = Seconds  # every positive float of the job file is a number of seconds
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT), BeforeValidator(_not_bool)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT), BeforeValidator(_not_bool)]
+Bytes = Annotated[int, Field(gt=0, le=1 << 40), BeforeValidator(_not_bool)]
 
 
 def _percent(value: float) -> float:
@@ -86,16 +117,17 @@ def _percent(value: float) -> float:
     return value
 
 
-Percent = Annotated[
-    float, Field(allow_inf_nan=False), BeforeValidator(_not_bool), AfterValidator(_percent)
-]
+Percent = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_not_bool), AfterValidator(_percent)]
 
 
 def _duration(value: Any) -> float:
     """A duration (``90m``, ``6h``, ``1d``, ``5h30m`` or seconds) as seconds."""
     from orchestrator.guards import parse_duration
 
-    return parse_duration(value)
+    seconds = parse_duration(value)
+    if seconds > MAX_SECONDS:
+        raise ValueError("must be a duration of at most 10 years")
+    return seconds
 
 
 Duration = Annotated[float, BeforeValidator(_duration)]
@@ -137,7 +169,7 @@ class Settings(_Strict):
     stall_s: PositiveFloat | None = None
     """Warn when completed_tasks has not moved for this long (seconds)."""
     stall_action: Literal["warn", "timeout"] = "warn"
-    max_line_bytes: PositiveInt = 256 << 20
+    max_line_bytes: Bytes = 256 << 20
     """A longer line fails the job (bytes): a bound on the memory one line may take."""
     on_unverified_length: Literal["fail", "keep"] = "fail"
     """When the server stated no length and the end could not be confirmed: fail the job
@@ -202,7 +234,7 @@ class Api(_Strict):
 
     base_url: str = "https://api.mediarithmics.com"
     token_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "MICS_API_TOKEN"  # noqa: S105 - a variable name
-    query_export_prefix: str = "mics-export:"
+    query_export_prefix: Annotated[str, Field(max_length=100)] = "mics-export:"
     """Exports the tool creates for query jobs are named PREFIX + job name."""
     retries: Retries = Retries()
     max_requests_in_flight: PositiveInt = 64
@@ -218,6 +250,14 @@ class Api(_Strict):
         problem = _url_problem(value)
         if problem is not None:
             raise ValueError(f"{_safe_url(value)} {problem}")
+        return value
+
+    @field_validator("query_export_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        # It names platform objects and is shown in logs and tables: printable text only.
+        if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in value):
+            raise ValueError("must not contain control or invisible formatting characters")
         return value
 
 
@@ -237,9 +277,27 @@ class RunSettings(_Strict):
     @field_validator("output_dir")
     @classmethod
     def _output_dir(cls, value: str) -> str:
-        if not value or "\0" in value:
-            raise ValueError("must be a folder path (not empty, no NUL character)")
+        problem = output_dir_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
+
+
+_PLACEHOLDER = re.compile(r"\{[^{}]*\}?|\}")
+
+
+def output_dir_problem(value: str) -> str | None:
+    """What is wrong with an output folder as written (``{date}`` unresolved), or None.
+
+    Only ``{date}`` may stand in braces: ``{dat}`` or ``{date`` is a typo that would
+    otherwise become a literal folder name, and every night's run would share it.
+    """
+    if not value or "\0" in value:
+        return "must be a folder path (not empty, no NUL character)"
+    for match in _PLACEHOLDER.finditer(value):
+        if match.group() != "{date}":
+            return f"unknown placeholder {_show(match.group())}: only {{date}} is replaced (a typo?)"
+    return None
 
 
 class JobFile(_Strict):
@@ -252,8 +310,17 @@ class JobFile(_Strict):
     path: str = ""
 
     def output_template(self, override: str | None = None) -> str:
-        """The output folder as written (``--output-dir`` wins over ``run.output_dir``), ``{date}`` unresolved."""
-        return override or self.run.output_dir
+        """The output folder as written (``--output-dir`` wins over ``run.output_dir``), ``{date}`` unresolved.
+
+        An override is checked as the key is (an empty ``--output-dir "$DIR"`` is an error,
+        not a silent fall-back to the job file's folder).
+        """
+        if override is None:
+            return self.run.output_dir
+        problem = output_dir_problem(override)
+        if problem:
+            raise UsageError(f"--output-dir: {problem}")
+        return override
 
     def output_dir(self, override: str | None = None, today: dt.date | None = None) -> Path | str:
         """The output folder with ``{date}`` resolved (UTC): a Path, or a bucket URL as a str.
@@ -309,7 +376,7 @@ def _loc(file: str, raw_jobs: Any, loc: tuple[int | str, ...]) -> str:
         name = None
         if isinstance(raw_jobs, list) and index < len(raw_jobs) and isinstance(raw_jobs[index], dict):
             name = raw_jobs[index].get("name")
-        who = f"job {_show(name, 60) if isinstance(name, str) else repr(name)}" if name else f"job #{index + 1}"
+        who = f"job {_brief(name)}" if name else f"job #{index + 1}"
         key = ".".join(parts[2:])
         return f"{file}: {who}" + (f": {key}" if key else "")
     return f"{file}: " + ".".join(parts) if parts else file
@@ -442,24 +509,96 @@ def check_base_url(url: str, source: str = "the API URL") -> str:
     return url.rstrip("/")
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last value silently: ``jobs:`` written twice would drop the first
+    list of jobs without a word.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` merges; its keys may be overridden on purpose
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_brief(key)}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_size(data: Any, file: str) -> None:
+    """Refuse a document that expands (through aliases) to more than MAX_YAML_NODES values.
+
+    The walk stops at the budget, so it costs at most that many steps however large the
+    expansion would be.
+    """
+    budget = MAX_YAML_NODES
+    stack: list[Any] = [data] if isinstance(data, dict | list | tuple | set) else []
+    while stack:
+        item = stack.pop()
+        children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+        budget -= len(children)
+        if budget < 0:
+            raise ConfigError(
+                f"{file}: invalid YAML: more than {MAX_YAML_NODES:,} values once its aliases are expanded"
+            )
+        stack.extend(c for c in children if isinstance(c, dict | list | tuple | set))
+
+
+def _read(path: str | os.PathLike[str], file: str) -> str:
+    """The job file's text: a regular file, at most MAX_JOB_FILE_BYTES, UTF-8; one line otherwise.
+
+    Opened without blocking, so that a FIFO with no writer is refused rather than waited on.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        kinds = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a pipe", stat.S_IFSOCK: "a socket"}
+        kind = kinds.get(stat.S_IFMT(info.st_mode), "a device")
+        raise ConfigError(f"{file}: cannot read: not a regular file ({kind})")
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            raw = handle.read(MAX_JOB_FILE_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_JOB_FILE_BYTES:
+        raise ConfigError(f"{file}: too large for a job file (more than {MAX_JOB_FILE_BYTES >> 20} MiB)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{file}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): save it as UTF-8"
+        ) from None
+
+
 def load_job_file(path: str | os.PathLike[str]) -> JobFile:
     """Read and validate a job file. Raises ConfigError with one line on any problem."""
     file = str(path)
+    text = _read(path, file)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file}: cannot read: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{file}: invalid YAML{where}: {problem}") from None
+        raise ConfigError(f"{file}: invalid YAML{where}: {' '.join(str(problem).split())}") from None
     except RecursionError:  # PyYAML builds nested collections recursively
         raise ConfigError(f"{file}: invalid YAML: nested too deeply") from None
+    except ValueError:  # PyYAML's int() of a number of more than 4,300 digits
+        raise ConfigError(f"{file}: invalid YAML: a number with more than 4,300 digits") from None
+    _check_size(data, file)
     return parse_job_file(data, file)
 
 
@@ -474,6 +613,7 @@ __all__ = [
     "Settings",
     "check_base_url",
     "load_job_file",
+    "output_dir_problem",
     "parse_job_file",
     "read_token",
     "utc_today",

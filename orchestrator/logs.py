@@ -10,6 +10,7 @@ the token is never put in a message in the first place.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -30,6 +31,25 @@ _FIRST = ("job", "export_id", "execution_id")
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+"""Control characters (C0, DEL, C1), line and paragraph separators, and the invisible or
+bidirectional formatting characters that can disguise what a terminal shows."""
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str, keep: str = "") -> str:
+    """``text`` with every control or invisible formatting character written escaped
+    (``\\x1b``), except those in ``keep``: what a server or a file says cannot drive the
+    terminal (colours, cursor moves, a fake log line after a newline)."""
+    if keep:
+        return re.sub(_UNSAFE, lambda m: m.group() if m.group() in keep else _escape(m), text)
+    return _UNSAFE.sub(_escape, text)
 
 
 def add_secret(secret: str) -> None:
@@ -88,15 +108,20 @@ class JsonFormatter(_Redacting):
 
 
 class TextFormatter(_Redacting):
-    """``2026-11-28T02:00:00.000Z INFO  [job] message``."""
+    """``2026-11-28T02:00:00.000Z INFO  [job] message``.
+
+    One record is one line: control characters in the message (a server's error text, a
+    name from a file) are written escaped; only an exception's traceback adds lines.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         job = getattr(record, "job", None)
         prefix = f"{_iso(record.created)} {record.levelname:<7} "
-        line = prefix + (f"[{job}] " if job else "") + record.getMessage()
+        # Redacted before escaping, so that a secret holding a control character still matches.
+        line = printable(self.redact(prefix + (f"[{job}] " if job else "") + record.getMessage()))
         if record.exc_info and record.exc_info[1] is not None:
-            line += "\n" + self.formatException(record.exc_info)
-        return self.redact(line)
+            line += "\n" + printable(self.redact(self.formatException(record.exc_info)), keep="\n")
+        return line
 
 
 class _CurrentStderr:
@@ -134,4 +159,4 @@ def setup_logging(
     return handler
 
 
-__all__ = ["JsonFormatter", "TextFormatter", "add_secret", "redact", "setup_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "add_secret", "printable", "redact", "setup_logging"]

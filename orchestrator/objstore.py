@@ -267,37 +267,57 @@ class Location:
         return self.url()
 
 
+_SECRET_PARTS = re.compile(r"(?<=://)[^/@]*:[^/@]*@|[?#].*", re.DOTALL)
+
+
+def _shown_url(url: str) -> str:
+    """``url`` for a message: a ``user:password@`` and a query (a SAS signature) blanked out, cut when long."""
+    text = _SECRET_PARTS.sub(lambda m: "***@" if m.group().endswith("@") else m.group()[0] + "***", url)
+    return repr(text if len(text) <= 120 else text[:120] + "...")
+
+
 def parse_location(url: str) -> Location:
-    """Parse a bucket URL; anything else is a :class:`UsageError` of one line."""
+    """Parse a bucket URL; anything else is a :class:`UsageError` of one line.
+
+    No message shows a password or a query string from the URL: either may be a secret
+    (``s3://key:secret@...``, an Azure SAS ``?sig=...``).
+    """
+    shown = _shown_url(url)
     match = _URL_RE.match(url)
     if match is None:
-        raise UsageError(f"not a bucket URL: {url!r} (expected {_ACCEPTED})")
+        raise UsageError(f"not a bucket URL: {shown} (expected {_ACCEPTED})")
     raw_scheme = match.group("scheme").lower()
     scheme = _SCHEMES.get(raw_scheme)
     if scheme is None:
-        raise UsageError(f"unsupported storage URL scheme {raw_scheme}:// in {url!r}: use {_ACCEPTED}")
+        raise UsageError(f"unsupported storage URL scheme {raw_scheme}:// in {shown}: use {_ACCEPTED}")
     rest = match.group("rest")
-    if any(c in rest for c in "?#") or any(c.isspace() or ord(c) < 32 for c in rest.replace(" ", "")):
-        raise UsageError(f"invalid bucket URL {url!r}: no query, fragment or control characters allowed")
+    if any(c in rest for c in "?#"):
+        raise UsageError(
+            f"invalid bucket URL {shown}: no query, fragment or signature (credentials come from the environment)"
+        )
+    if any((c.isspace() and c != " ") or ord(c) < 32 or ord(c) == 0x7F for c in rest):
+        raise UsageError(f"invalid bucket URL {shown}: no control characters allowed")
     bucket, _, prefix = rest.partition("/")
     account = None
+    if ":" in bucket.partition("@")[0] and "@" in bucket:
+        raise UsageError(f"invalid bucket URL {shown}: no user:password@ (credentials come from the environment)")
     if "@" in bucket:
         if scheme != "az":
-            raise UsageError(f"invalid bucket URL {url!r}: user@host is only for Azure (abfs://CONTAINER@ACCOUNT...)")
+            raise UsageError(f"invalid bucket URL {shown}: user@host is only for Azure (abfs://CONTAINER@ACCOUNT...)")
         bucket, _, host = bucket.partition("@")
         host_match = _AZURE_HOST_RE.match(host.lower())
         if host_match is None:
             raise UsageError(
-                f"invalid bucket URL {url!r}: expected abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/PREFIX"
+                f"invalid bucket URL {shown}: expected abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/PREFIX"
             )
         account = host_match.group("account")
     if not bucket:
-        raise UsageError(f"invalid bucket URL {url!r}: the bucket (container) name is missing")
+        raise UsageError(f"invalid bucket URL {shown}: the bucket (container) name is missing")
     if not _BUCKET_RE[scheme].match(bucket):
-        raise UsageError(f"invalid bucket URL {url!r}: {bucket!r} is not a valid bucket (container) name")
+        raise UsageError(f"invalid bucket URL {shown}: {bucket!r} is not a valid bucket (container) name")
     prefix = prefix.strip("/")
     if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
-        raise UsageError(f"invalid bucket URL {url!r}: the prefix has an empty, '.' or '..' segment")
+        raise UsageError(f"invalid bucket URL {shown}: the prefix has an empty, '.' or '..' segment")
     return Location(scheme=scheme, bucket=bucket, prefix=prefix, account=account)
 
 

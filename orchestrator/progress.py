@@ -20,6 +20,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from orchestrator.logs import printable
 from orchestrator.manifest import JobRecord, JobStatus, Manifest
 
 _STYLE = {
@@ -139,7 +140,8 @@ _INDENT = "  "
 
 def job_notes(job: JobRecord) -> str:
     """What went wrong or is worth a look for one job (error, erroneous tasks), one line."""
-    notes = " ".join((job.error or "").split())
+    # The error text is the server's: escape what a terminal would act on (ESC, C1, bidi).
+    notes = printable(" ".join((job.error or "").split()))
     if job.erroneous_tasks:
         notes = (notes.rstrip(".") + "; " if notes else "") + f"{job.erroneous_tasks} erroneous tasks"
     return notes

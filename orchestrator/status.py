@@ -26,6 +26,7 @@ import errno
 import fcntl
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,8 @@ def manifest_path(target: str) -> Path:
     if folder.is_file():
         return folder  # the manifest itself (a copy, or a renamed one)
     if not folder.is_dir():
+        if folder.exists():
+            raise UsageError(f"{target}: neither a folder nor a manifest file")
         raise UsageError(f"{target}: no such folder")
     path = folder / MANIFEST_NAME
     if path.is_file():
@@ -134,6 +137,43 @@ def _read_bucket(url: str) -> tuple[str, bytes, bool | None]:
     return location.url(key), data, alive
 
 
+MAX_MANIFEST_BYTES = 256 << 20
+"""A manifest larger than this is not read: it would be a planted or runaway file, not a run's."""
+
+
+def _read_local(path: Path) -> bytes:
+    """The manifest's bytes: a regular file (never a pipe that blocks), at most MAX_MANIFEST_BYTES."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"cannot read {path}: not a regular file")
+        try:
+            data = handle.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise UsageError(f"{path} is not a valid manifest: larger than {MAX_MANIFEST_BYTES >> 20} MiB")
+    return data
+
+
+def _recorded_code(manifest: Manifest) -> int | None:
+    """The exit code the manifest records, if it is one a run could have exited with.
+
+    A code outside 0-255 cannot be an exit status (256 would reach the shell as 0), and a
+    0 beside a status other than SUCCEEDED contradicts itself: neither is trusted, and the
+    code is derived from the status instead, so a damaged manifest never reads as success.
+    """
+    code = manifest.exit_code
+    if code is None or not 0 <= code <= 255:
+        return None
+    if code == EXIT_OK and manifest.status is not RunStatus.SUCCEEDED:
+        return None
+    return code
+
+
 def read_report(target: str) -> RunReport:
     """Read the run at ``target`` (a folder, its manifest, or a bucket prefix); UsageError if there is none."""
     path: Path | str
@@ -142,10 +182,7 @@ def read_report(target: str) -> RunReport:
         path, data, bucket_alive = _read_bucket(target)
     else:
         path = manifest_path(target)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+        data = _read_local(path)
     try:
         manifest = Manifest.from_bytes(data)
     except ValueError as exc:
@@ -168,8 +205,9 @@ def read_report(target: str) -> RunReport:
         else:
             why = "the manifest says RUNNING (no lock file here: cannot tell whether it is still going)"
         return RunReport(path, manifest, alive, EXIT_RUNNING, why)
-    if manifest.exit_code is not None:
-        return RunReport(path, manifest, alive, manifest.exit_code, f"the run {status.value} and exited with this code")
+    recorded = _recorded_code(manifest)
+    if recorded is not None:
+        return RunReport(path, manifest, alive, recorded, f"the run {status.value} and exited with this code")
     if status is RunStatus.SUCCEEDED:
         return RunReport(path, manifest, alive, EXIT_OK, "the run SUCCEEDED")
     if status is RunStatus.FAILED:

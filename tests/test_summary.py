@@ -140,3 +140,14 @@ def test_summary_in_a_real_80_column_terminal(tmp_path: Path) -> None:
     failed = jobs_by_name(manifest(tmp_path / "out"))["broken"]
     assert failed["error"].rstrip(".") in words(summary)  # the note ends "; 500 erroneous tasks"
     assert "total: 2 job(s), 1 SUCCEEDED, 1 FAILED" in words(summary)
+
+
+def test_a_servers_error_text_cannot_drive_the_terminal() -> None:
+    """An escape sequence in an API error is shown escaped in the summary's notes, never sent raw."""
+    from orchestrator.manifest import JobRecord, JobStatus
+    from orchestrator.progress import job_notes
+
+    rec = JobRecord(name="a", status=JobStatus.FAILED, error="boom \x1b[2J\x1b]0;owned\x07 done")
+    notes = job_notes(rec)
+    assert "\x1b" not in notes and "\x07" not in notes
+    assert "\\x1b[2J" in notes
