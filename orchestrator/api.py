@@ -364,6 +364,10 @@ class ApiClient:
             return self._token.scrub_bytes(text)
         return self._token.scrub(text) or ""
 
+    def describe(self, exc: BaseException) -> str:
+        """:func:`_describe` of a transport exception, scrubbed of the token, then cut."""
+        return self._token.cut(_describe(exc), ERROR_TEXT_CHARS)
+
     # -- the request machinery -----------------------------------------------------------
     def retry_wait(self, n: int, exc: BaseException | None = None) -> float:
         """Seconds to wait before the n-th retry (n = 0, 1, ...) after ``exc``: the
@@ -447,11 +451,11 @@ class ApiClient:
                     raw = await resp.read()
                     status, retry_after = resp.status, resp.headers.get("Retry-After")
             except aiohttp.ClientPayloadError as exc:
-                raise IncompleteBodyError(f"{method} {path}: response cut short ({self.scrub(str(exc))})") from None
+                raise IncompleteBodyError(f"{method} {path}: response cut short ({self.describe(exc)})") from None
             except aiohttp.ClientConnectorError as exc:
-                raise ConnectError(f"{method} {path}: {self.scrub(_describe(exc))}") from None
+                raise ConnectError(f"{method} {path}: {self.describe(exc)}") from None
             except (TimeoutError, aiohttp.ClientError) as exc:
-                raise TransportError(f"{method} {path}: {self.scrub(_describe(exc))}") from None
+                raise TransportError(f"{method} {path}: {self.describe(exc)}") from None
         if status == 429:
             self.throttle.on_throttled(_parse_retry_after(retry_after))
         if status >= 400:
@@ -776,11 +780,19 @@ class ApiClient:
 
 
 def _describe(exc: BaseException) -> str:
-    """A short description of a transport exception, without request headers."""
+    """A short, one-line description of a transport exception, without request headers.
+
+    Only the first line of the library's message: aiohttp's parser errors go on with the
+    raw bytes it choked on (a header line, a piece of the body), which are the server's
+    and may echo the token, cut anywhere in it (see :meth:`ApiClient.describe`).
+    """
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+    message = exc.message if isinstance(exc, aiohttp.ClientResponseError) else exc
+    lines = str(message).strip().splitlines()
+    text = lines[0].strip().rstrip(":").strip() if lines else ""
+    name = type(exc).__name__
+    return f"{name}: {text}" if text and text != name else name
 
 
 __all__ = [

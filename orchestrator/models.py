@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -145,6 +146,26 @@ def _int(value: Any) -> int | None:
     return None
 
 
+def _date(value: Any) -> int | None:
+    """A date as epoch milliseconds: a number or numeric string (the API's form), or an ISO
+    8601 string (``2024-05-01T10:00:00Z``; without a zone, UTC); anything else None.
+
+    A date that cannot be read must not be mistaken for no date by accident: the lookup
+    of a lost create compares ``creation_date`` with the time of the intent, and a date
+    it cannot read would make it create a second execution.
+    """
+    number = _int(value)
+    if number is not None or not isinstance(value, str):
+        return number
+    try:
+        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
 def require_object(value: Any, name: str = "data") -> dict[str, Any]:
     """``value`` if it is a JSON object; MalformedResponseError naming ``name`` otherwise."""
     if not isinstance(value, dict):
@@ -223,9 +244,9 @@ class Execution:
             id=required_id(data),
             status=ExecutionStatus.parse(raw),
             raw_status=raw,
-            creation_date=_int(data.get("creation_date")),
-            start_date=_int(data.get("start_date")),
-            end_date=_int(data.get("end_date")),
+            creation_date=_date(data.get("creation_date")),
+            start_date=_date(data.get("start_date")),
+            end_date=_date(data.get("end_date")),
             num_tasks=_int(data.get("num_tasks")),
             completed_tasks=_int(data.get("completed_tasks")),
             erroneous_tasks=_int(data.get("erroneous_tasks")),

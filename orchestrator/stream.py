@@ -41,14 +41,14 @@ from __future__ import annotations
 import functools
 import logging
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import anyio
 
-from orchestrator.api import _describe, _error_from, _parse_retry_after
+from orchestrator.api import _error_from, _parse_retry_after
 from orchestrator.errors import ApiError, AuthError, ConnectError, IncompleteBodyError, TransportError
 
 if TYPE_CHECKING:
@@ -106,16 +106,30 @@ def _content_range(value: str) -> tuple[int, int, int | None] | None:
     return a, b, None if total == "*" else int(total)
 
 
+def _header(resp: aiohttp.ClientResponse, name: str) -> str:
+    """Every value of header ``name``, joined as one list: a second ``Content-Encoding: gzip``
+    line means gzip twice, and two ``Content-Range`` lines are no range at all."""
+    return ", ".join(resp.headers.getall(name, ()))
+
+
+def _codings(value: str) -> list[str]:
+    """A coding list (``gzip, chunked``) in order, lower case, without empty items."""
+    return [c.strip().lower() for c in value.split(",") if c.strip()]
+
+
 @dataclass
 class _Answer:
     resp: aiohttp.ClientResponse | None  # None: a 416 confirming the end
     total: int | None = None
 
 
-async def _open(api: ApiClient, path: str, params: dict[str, Any] | None, pos: int, validator: str | None) -> _Answer:
-    """Send a GET for the bytes from ``pos`` (``If-Range: validator`` when given)."""
+async def _open(
+    api: ApiClient, path: str, params: dict[str, Any] | None, pos: int | None, validator: str | None
+) -> _Answer:
+    """Send a GET for the whole file (``pos`` None) or the bytes from ``pos`` (``If-Range:
+    validator`` when given)."""
     headers: dict[str, str] | None = None
-    if pos:
+    if pos is not None:
         headers = {"Range": f"bytes={pos}-"}
         if validator:
             headers["If-Range"] = validator
@@ -123,20 +137,20 @@ async def _open(api: ApiClient, path: str, params: dict[str, Any] | None, pos: i
         try:
             resp = await api.session.get(api.base_url + path, params=params, headers=headers, auto_decompress=False)
         except aiohttp.ClientConnectorError as exc:
-            raise ConnectError(f"GET {path}: {_describe(exc)}") from None
+            raise ConnectError(f"GET {path}: {api.describe(exc)}") from None
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise TransportError(f"GET {path}: {_describe(exc)}") from None
+            raise TransportError(f"GET {path}: {api.describe(exc)}") from None
     if resp.status == 429:
         api.throttle.on_throttled(_parse_retry_after(resp.headers.get("Retry-After")))
-    if resp.status == 416 and pos:
+    if resp.status == 416 and pos is not None:
         # Asked from exactly the end: nothing left, if the server agrees on the size.
-        total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+        unit, _, total = _header(resp, "Content-Range").strip().partition(" */")
         resp.release()
-        if total.isdigit() and int(total) == pos:
+        if unit.lower() == "bytes" and total.isdigit() and int(total) == pos:
             return _Answer(None, pos)
         raise ApiError(
             416,
-            f"cannot resume at byte {pos} (size {total or 'unknown'})",
+            f"cannot resume at byte {pos} (size {total if total.isdigit() else 'unknown'})",
             method="GET",
             path=path,
         )
@@ -150,10 +164,21 @@ async def _open(api: ApiClient, path: str, params: dict[str, Any] | None, pos: i
     if resp.status not in (200, 206):
         resp.release()  # 204, 3xx left unfollowed...: no file in it
         raise TransportError(f"GET {path}: unexpected HTTP {resp.status} for a file")
-    content_type = resp.headers.get("Content-Type")
+    if resp.status == 206 and pos is None:
+        # RFC 9110 §15.3.7: a 206 answers a Range only. Unasked, its Content-Range is no proof
+        # of the file's size (a cache serving a piece it holds): a server error, retried.
+        resp.release()
+        raise TransportError(f"GET {path}: HTTP 206 to a request without Range")
+    transfer = _header(resp, "Transfer-Encoding")
+    if [c for c in _codings(transfer) if c != "identity"] not in ([], ["chunked"]):
+        # aiohttp removes one chunked framing, nothing else: another transfer coding, or
+        # chunked twice, would be saved as it came (compressed bytes or chunk sizes in the file).
+        resp.release()
+        raise TransportError(f"GET {path}: unsupported Transfer-Encoding {api._token.cut(transfer, 80)!r}")
+    content_type = _header(resp, "Content-Type") or None
     if _cannot_be_ndjson(content_type):
         resp.release()
-        media = (content_type or "").partition(";")[0].strip()
+        media = api._token.cut((content_type or "").partition(";")[0].strip(), 80)
         raise UnexpectedContentError(f"GET {path}: HTTP {resp.status} with Content-Type {media}, not a result file")
     api.throttle.on_success()
     return _Answer(resp)
@@ -164,26 +189,49 @@ class _Inflater:
 
     def __init__(self, encoding: str, limit: int) -> None:
         self.encoding = encoding
-        self.limit = limit  # most bytes out per call: no inflating a bomb in one go
+        self.limit = limit  # most bytes out per step: no inflating a bomb in one go
         self._z: Any = None
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The bytes ``data`` inflates to, ``limit`` at a time: a generator, so that each piece
+        is written before the next is inflated (a list of them would hold a bomb whole)."""
+        if not data:
+            return
         if self._z is None:
             # deflate is meant to be zlib-wrapped; some servers send it raw (aiohttp sniffs too).
-            wbits = 31 if self.encoding != "deflate" else (15 if data[:1] and data[0] & 0x0F == 8 else -15)
+            wbits = 31 if self.encoding != "deflate" else (15 if data[0] & 0x0F == 8 else -15)
             self._z = zlib.decompressobj(wbits)
         if self._z.eof:
             raise _Cut("data after the end of the compressed stream")
-        out = [self._z.decompress(data, self.limit)]
+        yield self._z.decompress(data, self.limit)
         while self._z.unconsumed_tail:
-            out.append(self._z.decompress(self._z.unconsumed_tail, self.limit))
+            yield self._z.decompress(self._z.unconsumed_tail, self.limit)
         if self._z.unused_data:
             raise _Cut("data after the end of the compressed stream")
-        return out
 
     @property
     def eof(self) -> bool:
         return self._z is not None and bool(self._z.eof)
+
+
+class _Decoder:
+    """A Content-Encoding's codings (``gzip, gzip`` is gzip applied twice) undone in reverse."""
+
+    def __init__(self, codings: list[str], limit: int) -> None:
+        self.layers = [_Inflater(c, limit) for c in reversed(codings)]
+
+    def feed(self, data: bytes, layer: int = 0) -> Iterator[bytes]:
+        if layer == len(self.layers):
+            yield data
+            return
+        for piece in self.layers[layer].feed(data):
+            if piece:
+                yield from self.feed(piece, layer + 1)
+
+    @property
+    def eof(self) -> bool:
+        """Every coding reached the end of its stream (the gzip trailers checked)."""
+        return all(layer.eof for layer in self.layers)
 
 
 class ResumableStream:
@@ -217,10 +265,13 @@ class ResumableStream:
     async def _run(self) -> AsyncGenerator[bytes, None]:
         api, path = self.api, self.path
         failures = total_failures = 0
-        probing = False  # the last body had no stated length: is pos its end?
+        probing = False  # the last body had no stated length, or none at all: is pos its end?
         ranges = True  # False after an encoded answer: ranges of it cannot be inflated
+        empty_checked = False  # an empty answer is believed only once asked again
         while True:
-            use_range = ranges and self.pos > 0
+            # At byte 0 a Range is sent only to check an empty answer: "bytes=0-" gets a 416
+            # "bytes */0" from a server whose file is really empty.
+            range_from = self.pos if ranges and (self.pos > 0 or probing) else None
             try:
                 answer = await api._retrying(
                     functools.partial(
@@ -228,8 +279,8 @@ class ResumableStream:
                         api,
                         path,
                         self.params,
-                        self.pos if use_range else 0,
-                        self.validator if use_range else None,
+                        range_from,
+                        self.validator if range_from is not None else None,
                     )
                 )
             except (ApiError, TransportError) as exc:
@@ -238,7 +289,7 @@ class ResumableStream:
                 log.info(
                     "could not confirm the end of a body without a length at byte %d (%s)",
                     self.pos,
-                    exc,
+                    api.scrub(str(exc)),
                     extra={"event": "length_unverified", "offset": self.pos},
                 )
                 self.length_check = "unverified"
@@ -252,22 +303,21 @@ class ResumableStream:
                 tag = _validator(resp)
                 skip = 0
                 end: int | None = None  # where this answer's body must end (absolute)
-                encoding = resp.headers.get("Content-Encoding", "").strip().lower()
-                if encoding in ("", "identity"):
-                    inflater = None
-                elif encoding in _INFLATED:
-                    inflater = _Inflater(encoding, self.chunk_bytes)
-                else:
-                    raise TransportError(f"GET {path}: unsupported Content-Encoding {encoding!r}")
+                encoding = _header(resp, "Content-Encoding")
+                codings = [c for c in _codings(encoding) if c != "identity"]
+                if any(c not in _INFLATED for c in codings):
+                    # br, zstd...: asked for identity (or gzip/deflate), never guessed at.
+                    raise TransportError(f"GET {path}: unsupported Content-Encoding {api._token.cut(encoding, 80)!r}")
+                inflater = _Decoder(codings, self.chunk_bytes) if codings else None
                 if resp.status == 206:
                     if inflater is not None:
                         ranges = False  # a range of compressed bytes: ask for the whole file instead
                         continue
-                    parsed = _content_range(resp.headers.get("Content-Range", ""))
+                    parsed = _content_range(_header(resp, "Content-Range"))
                     if parsed is None or parsed[0] != self.pos:
                         raise TransportError(
                             f"GET {path}: asked for bytes from {self.pos}, got range "
-                            f"{resp.headers.get('Content-Range', '')!r}"
+                            f"{api._token.cut(_header(resp, 'Content-Range'), 80)!r}"
                         )
                     if self.validator and tag and tag != self.validator:
                         raise self._changed(f"validator {self.validator} became {tag}")
@@ -331,12 +381,14 @@ class ResumableStream:
                 total_failures += 1
                 if failures >= api.retry.max_tries or total_failures >= 10 * api.retry.max_tries:
                     kind = IncompleteBodyError if isinstance(exc, aiohttp.ClientPayloadError | _Cut) else TransportError
-                    raise kind(f"GET {path}: body cut at byte {self.pos}, {failures} tries: {_describe(exc)}") from None
+                    raise kind(
+                        f"GET {path}: body cut at byte {self.pos}, {failures} tries: {api.describe(exc)}"
+                    ) from None
                 wait = api.retry_wait(failures)
                 log.info(
                     "download cut at byte %d (%s): resuming in %.2fs",
                     self.pos,
-                    _describe(exc),
+                    api.describe(exc),
                     wait,
                     extra={"event": "download_resume", "offset": self.pos},
                 )
@@ -347,18 +399,35 @@ class ResumableStream:
                 resp.release()
             # The body ended as its framing says. Is it the whole file?
             failures = 0
+            if self.pos == 0 and ranges and not empty_checked:
+                # Nothing at all, even with "Content-Length: 0": a proxy's empty 200 looks just
+                # like an empty result. Asked again with "Range: bytes=0-", a server whose file is
+                # empty answers 416 "bytes */0" (or empty again); one with bytes sends them, and
+                # its other size restarts the download (ContentChangedError).
+                empty_checked = probing = True
+                continue
             if self.total is not None and self.pos < self.total:
                 continue  # a 206 shorter than the file: ask for the rest
             if self.total is not None:
                 self.length_check = "content-range" if resp.status == 206 else "content-length"
                 return
             if resp.status == 200:
-                framing = resp.headers.get("Transfer-Encoding", "").lower()
-                if "chunked" in framing:
+                if "chunked" in _codings(_header(resp, "Transfer-Encoding")):
                     self.length_check = "chunked"
                     return
                 if inflater is not None:  # its end was checked above
                     self.length_check = "content-length" if "Content-Length" in resp.headers else "encoding-end"
+                    return
+                if range_from is not None:
+                    # A 200 without a length to a Range (the check of an empty answer, or a
+                    # resume): this server cannot answer the probe either.
+                    self.length_check = "unverified"
+                    log.info(
+                        "the server ignores Range and states no length: the length of the body (%d bytes) "
+                        "is unverified",
+                        self.pos,
+                        extra={"event": "length_unverified", "offset": self.pos},
+                    )
                     return
             probing = True  # no length stated (or a 206 of unknown total): ask for the byte after the end
 

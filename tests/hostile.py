@@ -80,6 +80,12 @@ class Wire:
     reset: bool = False
     trickle_bps: float | None = None
     omit_terminator: bool = False
+    raw: bytes | None = None
+    """When set: written as is, instead of a head and body built from the fields above (a
+    framing no field can express: two Content-Lengths, chunk extensions, a bad chunk size)."""
+    raw_keep_open: bool = False
+    """With ``raw``: leave the connection open afterwards, as if the answer were complete
+    (a body that stalls short of its length); otherwise it is closed."""
 
     def header(self, name: str) -> str | None:
         for k, v in self.headers:
@@ -268,6 +274,13 @@ async def _read_request(reader: asyncio.StreamReader) -> Request | None:
 
 async def _write(writer: asyncio.StreamWriter, wire: Wire) -> bool:
     """Write ``wire``; True when the connection may serve another request."""
+    if wire.raw is not None:
+        writer.write(wire.raw)
+        await writer.drain()
+        if wire.raw_keep_open:
+            return True
+        writer.close()
+        return False
     try:
         reason = HTTPStatus(wire.status).phrase
     except ValueError:
