@@ -1,6 +1,8 @@
 """mics-export: an asyncio bulk orchestrator for mediarithmics Query Exports.
 
-The modules are private by default; the names in ``__all__`` are the public API.
+The modules are private by default; the names in ``__all__`` are the public API. To run a
+job file from Python (Airflow, Dagster, Prefect): ``orchestrator.run(path_or_job_file, ...)``
+returns a :class:`RunResult`; ``run_async`` is the same for a caller already in an event loop.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ _LAZY = {
     "JobError": "orchestrator.errors",
     "JobFile": "orchestrator.config",
     "JobRecord": "orchestrator.manifest",
+    "JobResult": "orchestrator.app",
     "JobStatus": "orchestrator.manifest",
     "LineChecker": "orchestrator.ndjson",
     "LineStats": "orchestrator.ndjson",
@@ -42,7 +45,8 @@ _LAZY = {
     "Page": "orchestrator.models",
     "PagingError": "orchestrator.errors",
     "RetryPolicy": "orchestrator.api",
-    "RunOptions": "orchestrator.scheduler",
+    "RunOptions": "orchestrator.app",
+    "RunResult": "orchestrator.app",
     "RunStatus": "orchestrator.manifest",
     "Runner": "orchestrator.scheduler",
     "Throttle": "orchestrator.api",
@@ -51,9 +55,11 @@ _LAZY = {
     "TransportError": "orchestrator.errors",
     "UsageError": "orchestrator.errors",
     "download": "orchestrator.download",
-    "execute": "orchestrator.scheduler",
+    "execute": "orchestrator.app",
     "load_job_file": "orchestrator.config",
     "parse_job_file": "orchestrator.config",
+    "run": "orchestrator.app",
+    "run_async": "orchestrator.app",
 }
 
 

@@ -16,6 +16,7 @@ import re
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -36,6 +37,7 @@ from orchestrator.errors import (
     UsageError,
     single_error,
 )
+from orchestrator.logs import printable
 
 T = TypeVar("T")
 
@@ -53,10 +55,36 @@ def _id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | 
     return value
 
 
-def _max_workers() -> int:
-    from orchestrator.workers import default_workers
+def _only(values: tuple[str, ...]) -> tuple[str, ...]:
+    """``--only`` as given, refused when it names no job at all.
 
-    return 4 * default_workers()
+    ``--only "$JOB"`` with an empty variable must not quietly run every job of the file.
+    """
+    for value in values:
+        if not any(n.strip() for n in value.split(",")):
+            raise UsageError(f"--only {value!r}: names no job (an empty name); give a job name")
+    return values
+
+
+def _output_dir(value: str | None) -> str | None:
+    """``--output-dir`` checked as run.output_dir is: not empty, no NUL, no placeholder but {date}.
+
+    A bucket URL is checked too, without echoing credentials or a signature.
+    """
+    if value is None:
+        return None
+    from orchestrator.config import output_dir_problem
+
+    problem = output_dir_problem(value)
+    if problem:
+        raise UsageError(f"--output-dir: {problem}")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+        try:
+            from orchestrator.objstore import parse_location
+        except ImportError:
+            return value  # said when the run starts: the cloud extra is missing
+        parse_location(value.replace("{date}", "2000-01-01"))
+    return value
 
 
 def _api_url(option: str | None) -> str:
@@ -105,7 +133,7 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) ->
     In a pipe or a file no width applies: ``exports list | grep NAME`` must get whole rows,
     so the title, a header and the rows are printed as aligned columns, however long.
     """
-    cells = [["" if v is None else _CONTROL.sub(" ", str(v)) for v in row] for row in rows]
+    cells = [["" if v is None else printable(_CONTROL.sub(" ", str(v))) for v in row] for row in rows]
     if not sys.stdout.isatty():
         from rich.cells import cell_len
 
@@ -128,9 +156,14 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) ->
 
 
 def _tsv_value(value: Any) -> str:
-    """One TSV field: backslash, tab and line breaks escaped (``\\``, ``\\t``, ``\\n``, ``\\r``)."""
+    """One TSV field: backslash, tab and line breaks escaped (``\\``, ``\\t``, ``\\n``, ``\\r``).
+
+    Any other control character is written ``\\xHH``: a field read from a hostile manifest
+    or API answer must not send escape sequences to the terminal the output lands on.
+    """
     text = "" if value is None else str(value)
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    text = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return printable(text)
 
 
 def _tsv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -187,9 +220,20 @@ def cli() -> None:
 @cli.command()
 @click.argument("jobs_file", metavar="JOBS.yaml", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--simulate", is_flag=True, help="Run against the built-in simulator (no token needed).")
-@click.option("--output-dir", metavar="DIR", help="Override run.output_dir ({date} allowed).")
-@click.option("--concurrency", type=click.IntRange(min=1), help="Exports in flight at once.")
-@click.option("--only", multiple=True, metavar="NAME", help="Run only this job (repeat, or comma-separate).")
+@click.option(
+    "--output-dir",
+    metavar="DIR",
+    callback=lambda c, p, v: _output_dir(v),
+    help="Override run.output_dir ({date} allowed).",
+)
+@click.option("--concurrency", type=click.IntRange(min=1, max=1_000_000), help="Exports in flight at once.")
+@click.option(
+    "--only",
+    multiple=True,
+    metavar="NAME",
+    callback=lambda c, p, v: _only(v),
+    help="Run only this job (repeat, or comma-separate).",
+)
 @click.option(
     "--shard",
     metavar="I/N",
@@ -249,43 +293,24 @@ def run(
     """Run the exports of a job file and write results and manifest.json."""
     global _verbosity
     _verbosity = verbose
-    from orchestrator.scheduler import RunOptions, execute
+    # A thin layer over the Python API's code path (orchestrator/app.py): the CLI adds its
+    # logging, the live display, signal handling and the exit code.
+    from orchestrator.app import Console, RunOptions, check_workers, execute, job_names, resolve_deadline
 
-    if workers is not None and workers > (limit := _max_workers()):
-        raise UsageError(f"--workers {workers}: at most {limit} (4x the {limit // 4} CPU(s) this process may use)")
-
-    names = tuple(n.strip() for item in only for n in item.split(",") if n.strip())
+    if workers is not None:
+        check_workers(workers, f"--workers {workers}")
     options = RunOptions(
         jobs_file=jobs_file,
         simulate=simulate,
         output_dir=output_dir,
         concurrency=concurrency,
-        only=names,
+        only=job_names(only),
         shard=shard,
-        log_format=log_format,
-        progress=progress,
         workers=workers,
         metrics_pushgateway=metrics_pushgateway,
-        verbosity=verbose,
-        deadline_s=_deadline(deadline),
+        deadline_s=resolve_deadline(deadline, "--deadline"),
     )
-    return execute(options)
-
-
-def _deadline(option: str | None) -> float | None:
-    """Seconds from ``--deadline`` or else ``MICS_DEADLINE_S``; None: the job file's run.deadline."""
-    from orchestrator.guards import parse_duration
-
-    if option is not None:
-        source, value = "--deadline", option
-    else:
-        source, value = "MICS_DEADLINE_S", os.environ.get("MICS_DEADLINE_S", "")
-        if not value.strip():
-            return None
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise UsageError(f"{source}: {exc}") from None
+    return execute(options, Console(log_format=log_format, verbosity=verbose, progress=progress))
 
 
 @cli.command()
@@ -602,9 +627,30 @@ def status(target: str, fmt: str | None, as_json: bool) -> int:
         )
     else:
         console = Console(highlight=False)
-        print_summary(manifest, list(manifest.jobs), console)
+        shown = _printable_manifest(manifest)
+        print_summary(shown, list(shown.jobs), console)
         console.print(f"exit {report.exit_code}: {report.explanation}", soft_wrap=True, markup=False)
     return report.exit_code
+
+
+def _printable_manifest(manifest: Any) -> Any:
+    """A copy of ``manifest`` whose texts are :func:`printable`, for the table.
+
+    A manifest may come from anywhere (a copy, a bucket), and its errors quote the API:
+    the table must not write their escape sequences to the terminal.
+    """
+    from dataclasses import fields, replace
+
+    def clean(record: Any) -> Any:
+        changes = {
+            f.name: printable(value)
+            for f in fields(record)
+            if isinstance(value := getattr(record, f.name), str) and not isinstance(value, Enum)
+        }
+        return replace(record, **changes)
+
+    jobs = {printable(name): clean(job) for name, job in manifest.jobs.items()}
+    return replace(clean(manifest), jobs=jobs)
 
 
 _COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd"}
@@ -722,6 +768,8 @@ def download(export_id: str, execution_id: str, output: str, api_url: str | None
         target = bucket.target(name, execution_id)
     else:
         path = Path(output)
+        if output.endswith("/") or path.is_dir():
+            raise UsageError(f"{output}: is a folder: name the file to write (FOLDER/NAME.ndjson)")
         if not path.parent.is_dir():
             raise UsageError(f"{output}: folder {path.parent} does not exist")
         compression = _compression_of(path.name)
@@ -785,6 +833,13 @@ def _report(exc: BaseException, group: BaseException | None = None) -> int:
     return EXIT_FAILED
 
 
+def redact_env(text: str) -> str:
+    """``text`` scrubbed of every secret known or in the default token variable."""
+    from orchestrator.logs import redact
+
+    return redact(_with_env_secrets(text))
+
+
 def _with_env_secrets(text: str) -> str:
     """``text`` scrubbed of the default token variable's value too, in case the error came
     before the token was read (and registered with the redactor)."""
@@ -811,7 +866,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        # One line, like every other error (click's own is four: usage, hint, blank, error).
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see {exc.ctx.command_path} --help)"
+        click.echo(f"mics-export: error: {_one_line(redact_env(exc.format_message()))}{hint}", err=True)
         code = exc.exit_code
     except click.exceptions.Abort:
         code = 130

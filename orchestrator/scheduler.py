@@ -18,16 +18,13 @@ delete their temporary files, the manifest is written INTERRUPTED, exit 143 / 13
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import random
 import signal
 import sys
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Generator, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Generator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +32,11 @@ import anyio
 import backoff
 import zstandard
 
-from orchestrator.api import ApiClient, RetryPolicy
-from orchestrator.config import Job, JobFile, load_job_file, read_token
+from orchestrator.api import ApiClient
+from orchestrator.config import Job
 from orchestrator.context import bind_job
 from orchestrator.download import DownloadResult, download, output_name
 from orchestrator.errors import (
-    EXIT_FAILED,
-    EXIT_OK,
     ApiError,
     AuthError,
     ConnectError,
@@ -53,7 +48,6 @@ from orchestrator.errors import (
     NotFoundError,
     TransientApiError,
     TransportError,
-    UsageError,
 )
 from orchestrator.guards import (
     Limits,
@@ -66,20 +60,16 @@ from orchestrator.guards import (
     previous_records,
 )
 from orchestrator.manifest import (
-    MANIFEST_NAME,
     JobRecord,
     JobStatus,
     Manifest,
-    ManifestWriteError,
     ManifestWriter,
     RunStatus,
-    load_previous,
     now_iso,
-    remove_stale_temp_files,
 )
 from orchestrator.models import Execution, ExecutionStatus
 from orchestrator.sink import LocalSink, Sink
-from orchestrator.workers import ValidatorPool, default_workers, validator_pool
+from orchestrator.workers import ValidatorPool
 
 log = logging.getLogger("orchestrator.scheduler")
 
@@ -111,25 +101,6 @@ class JobLog(logging.LoggerAdapter[logging.Logger]):
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
         return msg, kwargs
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """What the command line asked for."""
-
-    jobs_file: Path
-    simulate: bool = False
-    output_dir: str | None = None
-    concurrency: int | None = None
-    only: tuple[str, ...] = ()
-    shard: str | None = None
-    log_format: str = "text"
-    progress: str = "auto"
-    workers: int | None = None
-    metrics_pushgateway: str | None = None
-    verbosity: int = 0
-    deadline_s: float | None = None
-    """--deadline or MICS_DEADLINE_S (seconds from the start of the run); run.deadline otherwise."""
 
 
 class Runner:
@@ -921,399 +892,4 @@ class _StallWatch:
         return True
 
 
-# -- the command ---------------------------------------------------------------------------
-def _select(job_file: JobFile, options: RunOptions) -> tuple[tuple[Job, ...], tuple[int, int] | None]:
-    from orchestrator.sharding import resolve_shard, shard_of
-
-    jobs = job_file.select(options.only)
-    try:
-        shard = resolve_shard(options.shard, os.environ)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if shard is not None:
-        index, count = shard
-        jobs = tuple(j for j in jobs if shard_of(j.name, count) == index)
-    return jobs, shard
-
-
-def execute(options: RunOptions) -> int:
-    """``mics-export run``: load, check, run, report. Returns the exit code."""
-    job_file = load_job_file(options.jobs_file)
-    jobs, shard = _select(job_file, options)
-    token = None
-    if not options.simulate:
-        token = read_token(job_file.api.token_env)
-    base_url = job_file.base_url() if not options.simulate else ""
-    from orchestrator.config import utc_today
-
-    today = utc_today()  # one date for {date} and for retention, even across midnight
-    output = job_file.output_dir(options.output_dir, today)
-    if isinstance(output, str):
-        return _execute_bucket(options, job_file, jobs, shard, token, base_url, output)
-    output_dir = output
-    if shard is not None and options.output_dir is None:
-        from orchestrator.sharding import shard_folder
-
-        # Shards started at once must not share a folder: the second would fail on the
-        # lock, and they cannot share a manifest. An explicit --output-dir is used as given.
-        output_dir /= shard_folder(*shard)
-    lock = _claim(output_dir)
-    try:
-        live = options.progress == "on" or (options.progress == "auto" and sys.stderr.isatty())
-        from orchestrator.logs import setup_logging
-
-        setup_logging(
-            options.log_format,
-            options.verbosity,
-            secrets=[token] if token else [],
-            quiet=live,
-        )
-        # Under the lock, so no other run is writing them; before the first request.
-        try:
-            removed = remove_stale_temp_files(output_dir)
-        except OSError as exc:
-            raise UsageError(f"cannot use output folder {output_dir}: {exc.strerror or exc}") from None
-        if removed:
-            log.info(
-                "removed %d temporary file(s) a killed run left: %s",
-                len(removed),
-                ", ".join(removed),
-                extra={"event": "temp_files_removed"},
-            )
-        if shard is not None and not jobs:
-            log.warning(
-                "shard %d/%d selects none of the %d job(s) of %s: nothing to do",
-                *shard,
-                len(job_file.select(options.only)),
-                options.jobs_file,
-                extra={"event": "empty_shard"},
-            )
-        previous = load_previous(output_dir / MANIFEST_NAME)  # a corrupt one is moved aside, loudly
-        plan = _Plan(options, job_file, jobs, shard, token, base_url, LocalSink(output_dir), live, previous)
-        code = anyio.run(_main, plan)
-        if code == EXIT_OK and job_file.run.keep_days is not None:
-            from orchestrator.retention import prune
-
-            # Only after a run that SUCCEEDED: a failed night keeps every earlier one.
-            prune(job_file.output_template(options.output_dir), job_file.run.keep_days, today, output_dir)
-        return code
-    finally:
-        os.close(lock)
-
-
-def _execute_bucket(
-    options: RunOptions,
-    job_file: JobFile,
-    jobs: tuple[Job, ...],
-    shard: tuple[int, int] | None,
-    token: str | None,
-    base_url: str,
-    url: str,
-) -> int:
-    """``run`` into a bucket prefix: the same run, through a :class:`BucketSink`.
-
-    The bucket is checked (it exists, the credential is accepted) and its lock taken in
-    ``_main`` before any execution is created; the earlier manifest is read from there.
-    """
-    from orchestrator.objstore import Location, parse_location
-
-    location = parse_location(url)
-    if shard is not None and options.output_dir is None:
-        from orchestrator.sharding import shard_folder
-
-        # As for folders: each shard of an Indexed Job writes its own prefix (own lock, own manifest).
-        location = Location(location.scheme, location.bucket, location.key(shard_folder(*shard)), location.account)
-    live = options.progress == "on" or (options.progress == "auto" and sys.stderr.isatty())
-    from orchestrator.logs import setup_logging
-
-    setup_logging(options.log_format, options.verbosity, secrets=[token] if token else [], quiet=live)
-    from orchestrator.bucket_sink import BucketSink, lease_from_env
-
-    sink = BucketSink(location, lease_s=lease_from_env())  # configuration only: no request yet
-    if shard is not None and not jobs:
-        log.warning(
-            "shard %d/%d selects none of the %d job(s) of %s: nothing to do",
-            *shard,
-            len(job_file.select(options.only)),
-            options.jobs_file,
-            extra={"event": "empty_shard"},
-        )
-    plan = _Plan(options, job_file, jobs, shard, token, base_url, sink, live, None)
-    code = anyio.run(_main, plan)
-    if job_file.run.keep_days is not None:
-        log.info(
-            "run.keep_days is for local folders: skipped for %s (use the bucket's lifecycle rules)",
-            location,
-            extra={"event": "retention_skipped"},
-        )
-    return code
-
-
-def _claim(output_dir: Path) -> int:
-    """Create ``output_dir`` and lock it for this run (exit 2 if it cannot be, or is taken).
-
-    Two runs in one folder would resume each other's part files and overwrite each
-    other's manifest; the lock (``.lock``, flock) is released by the kernel even on kill -9.
-    """
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(output_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
-        raise UsageError(f"cannot use output folder {output_dir}: {getattr(exc, 'strerror', None) or exc}") from None
-    # A few tries over half a second: `mics-export status` takes the lock shared for an
-    # instant to see whether a run is alive, and must never make a starting run fail.
-    for attempt in range(CLAIM_TRIES):
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except OSError:
-            if attempt + 1 < CLAIM_TRIES:
-                time.sleep(CLAIM_WAIT_S)
-    os.close(fd)
-    raise UsageError(f"another mics-export run is using {output_dir}: wait for it, or use another folder") from None
-
-
-CLAIM_TRIES = 25
-CLAIM_WAIT_S = 0.02
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Everything checked before the first request: a run starts only from a valid plan."""
-
-    options: RunOptions
-    job_file: JobFile
-    jobs: tuple[Job, ...]
-    shard: tuple[int, int] | None
-    token: str | None
-    base_url: str
-    sink: Sink
-    """The output folder or bucket prefix (a folder is already locked; a bucket's lock is taken in _main)."""
-    live: bool
-    previous: Manifest | None = None
-    """The manifest an earlier run into this folder left (what this run resumes)."""
-
-
-async def _main(plan: _Plan) -> int:
-    options, job_file, jobs, sink = plan.options, plan.job_file, plan.jobs, plan.sink
-    token, base_url = plan.token, plan.base_url
-    async with contextlib.AsyncExitStack() as stack:
-        if options.simulate:
-            from orchestrator.simulator import Simulator, demo_config
-
-            sim = await stack.enter_async_context(Simulator(demo_config()))
-            base_url, token = sim.url, sim.token
-            log.info("simulator serving on %s", sim.url, extra={"event": "simulator_started"})
-        assert token is not None
-        settings = job_file.api
-        api = await stack.enter_async_context(
-            ApiClient(
-                base_url,
-                token,
-                retry=RetryPolicy(
-                    max_tries=settings.retries.max_tries,
-                    base_s=settings.retries.base_s,
-                    max_wait_s=settings.retries.max_wait_s,
-                    max_time_s=settings.retries.max_time_s,
-                ),
-                max_requests_in_flight=settings.max_requests_in_flight,
-                accept_gzip=settings.accept_gzip,
-            )
-        )
-        workers = default_workers() if options.workers is None else options.workers
-        pool = await stack.enter_async_context(validator_pool(workers)) if workers > 0 else None
-        manifest = Manifest()
-        previous = plan.previous
-        if sink.is_bucket:
-            from orchestrator.bucket_sink import BucketSink
-
-            assert isinstance(sink, BucketSink)
-            # Before any execution: a missing bucket or a refused credential is one line (exit
-            # 2), and a prefix another run holds is refused; the lock is released on the way out.
-            await sink.open(manifest.run_id)
-            stack.push_async_callback(_shielded, sink.release)
-            previous = await sink.read_previous()
-        runner = Runner(
-            jobs,
-            api,
-            sink,
-            concurrency=options.concurrency or job_file.run.concurrency,
-            manifest=manifest,
-            previous=previous,
-            query_prefix=job_file.api.query_export_prefix,
-            pool=pool,
-        )
-        log.info(
-            "run %s: %d job(s) into %s, concurrency %d, %d validation worker(s)%s",
-            manifest.run_id,
-            len(jobs),
-            sink.url,
-            runner.limiter.total_tokens,
-            workers,
-            f", resuming run {previous.run_id}" if previous else "",
-            extra={"event": "run_started", "run_id": manifest.run_id},
-        )
-        received: list[signal.Signals] = []
-        crashed: BaseException | None = None
-        manifest_written = True
-        view = None
-        if plan.live:
-            from orchestrator.progress import ProgressView
-
-            view = ProgressView(manifest, [j.name for j in jobs]).__enter__()
-        try:
-            async with anyio.create_task_group() as tg:
-
-                async def watch_signals() -> None:
-                    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                        async for signum in signals:
-                            received.append(signal.Signals(signum))
-                            log.warning(
-                                "%s received: stopping",
-                                signal.Signals(signum).name,
-                                extra={"event": "interrupted"},
-                            )
-                            tg.cancel_scope.cancel()
-                            return
-
-                async def work() -> None:
-                    manifest.status = await runner.run()
-                    tg.cancel_scope.cancel()
-
-                _arm(plan, runner, tg, received)  # earlier runs, and the deadline watcher
-                tg.start_soon(watch_signals)
-                tg.start_soon(work)
-                keep_alive = getattr(sink, "keep_alive", None)
-                if keep_alive is not None:
-                    tg.start_soon(keep_alive)  # LockLostError stops the run: another may write here
-        except BaseException as exc:
-            crashed = exc  # reported by the CLI as one line; here only the manifest's last word
-            raise
-        finally:
-            if received or _is_interrupt(crashed):
-                manifest.status = RunStatus.INTERRUPTED
-            elif manifest.status is RunStatus.RUNNING:
-                # Only an error can end the run before runner.run() returns: a failed run,
-                # whose in-flight jobs keep their execution ids for a rerun to adopt.
-                manifest.status = RunStatus.FAILED
-            elif manifest.status is RunStatus.SUCCEEDED and runner.writer.required_failures:
-                manifest.status = RunStatus.FAILED  # a step was skipped for want of a manifest write
-            manifest.finished_at = now_iso()
-            manifest.exit_code = _exit_code(manifest.status, received, crashed)
-            try:
-                with anyio.CancelScope(shield=True):
-                    await runner.writer.save_last()
-            except ManifestWriteError:
-                # Already logged by the writer. The file on disk is behind (it may still say
-                # RUNNING): never exit 0 on it.
-                manifest_written = False
-                log.error(
-                    "%s is behind this run (the last write failed): the run fails",
-                    runner.writer.path,
-                    extra={"event": "manifest_behind"},
-                )
-            if view is not None:
-                view.__exit__(None, None, None)
-                view.summary(sink.label(MANIFEST_NAME))
-        if not manifest_written and manifest.status is RunStatus.SUCCEEDED:
-            manifest.status = RunStatus.FAILED  # what the report and the metrics say
-        _report(manifest, jobs)
-        await _push_metrics(options.metrics_pushgateway, manifest, plan.shard)
-    if received:
-        return EXIT_SIGNAL[received[0]]
-    return EXIT_OK if manifest.status is RunStatus.SUCCEEDED and manifest_written else EXIT_FAILED
-
-
-async def _shielded(step: Callable[[], Awaitable[None]]) -> None:
-    """Run a clean-up step even while the run is being cancelled."""
-    with anyio.CancelScope(shield=True):
-        await step()
-
-
-def _arm(plan: _Plan, runner: Runner, tg: anyio.abc.TaskGroup, received: list[signal.Signals]) -> None:
-    """Give the runner what earlier runs say (guards, reuse, expected durations) and, with a
-    deadline (--deadline, MICS_DEADLINE_S, run.deadline), a watcher that stops the run
-    there as SIGTERM would: INTERRUPTED, part files removed, exit 124 (EXIT_DEADLINE)."""
-    template = plan.job_file.output_template(plan.options.output_dir)
-    # Before the run changes them: the records are this folder's previous manifest now.
-    folder = runner.sink.folder if isinstance(runner.sink, LocalSink) else None  # buckets: see guards.py
-    runner.history = RunHistory.local(folder, template, runner.manifest.jobs)
-    deadline_s = plan.options.deadline_s if plan.options.deadline_s is not None else plan.job_file.run.deadline
-    if deadline_s is None:
-        return
-    runner.deadline = deadline = anyio.current_time() + deadline_s
-
-    async def watch_deadline() -> None:
-        await anyio.sleep_until(deadline)
-        received.append(DEADLINE_SIGNAL)
-        log.warning(
-            "deadline reached (%s after the start): stopping; a rerun resumes",
-            describe_duration(deadline_s),
-            extra={"event": "deadline_reached"},
-        )
-        tg.cancel_scope.cancel()
-
-    log.info(
-        "deadline in %s: no execution is created that is not expected to end before it",
-        describe_duration(deadline_s),
-        extra={"event": "deadline_set", "deadline_s": deadline_s},
-    )
-    tg.start_soon(watch_deadline)
-
-
-def _exit_code(status: RunStatus, received: list[signal.Signals], crashed: BaseException | None) -> int:
-    """The code this run exits with (recorded in the manifest for ``mics-export status``)."""
-    from orchestrator.errors import EXIT_USAGE, single_error
-
-    if received:
-        return EXIT_SIGNAL[received[0]]
-    if _is_interrupt(crashed):
-        return 130
-    if crashed is not None:  # the CLI's code for the error that stopped the run
-        error = single_error(crashed) if isinstance(crashed, BaseExceptionGroup) else crashed
-        return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILED
-    return EXIT_OK if status is RunStatus.SUCCEEDED else EXIT_FAILED
-
-
-def _is_interrupt(exc: BaseException | None) -> bool:
-    """A Ctrl-C that arrived outside the signal receiver (before or after the run proper)."""
-    if isinstance(exc, BaseExceptionGroup):
-        return any(_is_interrupt(e) for e in exc.exceptions)
-    return isinstance(exc, KeyboardInterrupt)
-
-
-def _report(manifest: Manifest, jobs: tuple[Job, ...]) -> None:
-    counts: dict[str, int] = {}
-    for job in jobs:
-        status = manifest.jobs[job.name].status.value
-        counts[status] = counts.get(status, 0) + 1
-    log.info(
-        "run %s %s: %s",
-        manifest.run_id,
-        manifest.status.value,
-        ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no job selected (an empty shard)",
-        extra={"event": "run_finished", "status": manifest.status.value, "counts": counts},
-    )
-
-
-async def _push_metrics(gateway: str | None, manifest: Manifest, shard: tuple[int, int] | None) -> None:
-    """Push the run's metrics (in a thread: the client blocks); a failure is only a warning."""
-    if not gateway:
-        return
-    from orchestrator.manifest import as_dict
-    from orchestrator.metrics import MetricsPushError, push_run_metrics, shard_grouping_key
-
-    # After a signal the whole stop must fit in 10 s: keep the push short then.
-    timeout_s = 3.0 if manifest.status is RunStatus.INTERRUPTED else 10.0
-    try:
-        await anyio.to_thread.run_sync(
-            lambda: push_run_metrics(
-                as_dict(manifest), gateway, grouping_key=shard_grouping_key(shard), timeout_s=timeout_s
-            )
-        )
-        log.info("metrics pushed to the Pushgateway", extra={"event": "metrics_pushed"})
-    except MetricsPushError as exc:
-        log.warning("could not push metrics: %s", exc, extra={"event": "metrics_failed"})
-
-
-__all__ = ["RunOptions", "Runner", "execute"]
+__all__ = ["Runner"]
