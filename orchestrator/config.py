@@ -55,6 +55,8 @@ MAX_SECONDS = 10 * 366 * 86_400.0
 and date arithmetic on it (``now - reuse_within``) would overflow."""
 MAX_COUNT = 1_000_000
 """The largest count (concurrency, retries, requests in flight) a setting takes."""
+MAX_RECORDS = 10**15
+"""The largest record or line count a guard takes: exports hold billions of lines."""
 
 
 def _as_id(value: Any) -> Any:
@@ -107,6 +109,7 @@ Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False), Bef
 PositiveFloat = Seconds  # every positive float of the job file is a number of seconds
 PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT), BeforeValidator(_not_bool)]
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT), BeforeValidator(_not_bool)]
+RecordCount = Annotated[int, Field(ge=0, le=MAX_RECORDS), BeforeValidator(_not_bool)]
 Bytes = Annotated[int, Field(gt=0, le=1 << 40), BeforeValidator(_not_bool)]
 
 
@@ -176,13 +179,13 @@ class Settings(_Strict):
     (the default: never a possibly short file reported as success), or keep the file and
     say ``length_check: unverified`` in the manifest."""
     # Guards (orchestrator/guards.py): judged on the complete file, before it is visible.
-    min_records: Count | None = None
+    min_records: RecordCount | None = None
     """Fewer records than this fails the job (reason ``too_few_records``)."""
     max_drop_pct: Percent | None = None
     """A drop of more than this % of records against the job's last SUCCEEDED run fails it."""
     max_erroneous_tasks_pct: Percent | None = None
     """More than this % of the execution's tasks erroneous fails the job."""
-    max_invalid_lines: Count | None = None
+    max_invalid_lines: RecordCount | None = None
     """More invalid lines than this fails the job (on_invalid: fail is the same with 0, earlier)."""
     on_guard_failure: Literal["reject", "keep"] = "reject"
     """reject: a file a guard failed is kept as NAME.ndjson.rejected; keep: under its final name."""

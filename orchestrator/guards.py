@@ -65,7 +65,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("must be a duration such as 90m, 6h, 1d or a number of seconds, not a boolean")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond a double: far past any limit the caller sets
+            seconds = math.inf
     elif isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
         try:
@@ -77,11 +80,16 @@ def parse_duration(value: object) -> float:
                 raise ValueError(
                     f"must be a duration such as 90m, 6h, 1d, 5h30m or a number of seconds, not {shown}"
                 ) from None
-            seconds = sum(float(n) * _UNIT_S[unit] for unit, n in match.groupdict().items() if n is not None)
+            try:
+                seconds = sum(float(n) * _UNIT_S[unit] for unit, n in match.groupdict().items() if n is not None)
+            except OverflowError:
+                seconds = math.inf
     else:
         raise ValueError("must be a duration such as 90m, 6h, 1d or a number of seconds")
-    if not math.isfinite(seconds) or seconds <= 0:
+    if math.isnan(seconds) or seconds <= 0:
         raise ValueError("must be a duration greater than 0")
+    if math.isinf(seconds):
+        raise ValueError("must be a finite duration (at most ten years)")
     return seconds
 
 

@@ -504,16 +504,16 @@ def test_an_output_dir_that_is_a_symlink_is_followed(tmp_path: Path, sim: Simula
     assert (real / "a.ndjson").is_file() and (real / "manifest.json").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="app.py _claim opens .lock following symlinks (reported to the lead)")
 def test_a_dangling_lock_symlink_creates_nothing_outside(tmp_path: Path, sim: SimulatorThread) -> None:
-    """.lock planted as a symlink to a missing file outside the folder: the run must not create that file."""
+    """.lock planted as a symlink to a missing file outside the folder: exit 2, that file is never created."""
     out = tmp_path / "out"
     out.mkdir()
     outside = tmp_path / "elsewhere" / "created-by-the-run"
     outside.parent.mkdir()
     (out / ".lock").symlink_to(outside)
-    run_cli("run", str(write_jobs(tmp_path, [GOOD_JOB])), env=cli_env(sim.url))
+    done = run_cli("run", str(write_jobs(tmp_path, [GOOD_JOB])), env=cli_env(sim.url))
     assert not outside.exists()
+    assert done.returncode == 2 and ".lock" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_an_unwritable_output_folder_is_one_line(tmp_path: Path, sim: SimulatorThread) -> None:
