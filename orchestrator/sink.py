@@ -9,8 +9,10 @@ obstore is the optional ``cloud`` extra). It answers, for the run:
   upload completed at the end (the object appears whole or not at all);
 - how a part is resumed: a local part file is continued from its size; a bucket upload
   always restarts from byte 0 of the (adopted) execution's result;
-- where the manifest lives (``manifest.json`` beside the outputs, written whole and
-  atomically: rename locally, a single PUT in a bucket) and how an earlier run's is read;
+- where the manifest lives (``manifest.json`` beside the outputs) and how an earlier run's is
+  read. Locally, changes are appended to ``.manifest.journal`` (fsynced) and manifest.json is
+  compacted from time to time by rename; a rerun reads both (``load_previous``). In a bucket
+  (no append) every write is a single PUT of the whole manifest, as before;
 - how a finished output is verified without downloading it again
   (:meth:`Sink.verify`): locally by hashing the file; in a bucket by a HEAD whose size
   and ETag must equal what the manifest recorded when the upload completed;

@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import EXIT_FAILED, EXIT_OK, UsageError
-from orchestrator.manifest import MANIFEST_NAME, Manifest, RunStatus, as_dict
+from orchestrator.manifest import (
+    JOURNAL_NAME,
+    MANIFEST_NAME,
+    Manifest,
+    RunStatus,
+    as_dict,
+    read_journal,
+    replay_journal,
+)
 
 EXIT_RUNNING = 4
 """``status``: the run is still going."""
@@ -187,6 +195,10 @@ def read_report(target: str) -> RunReport:
         manifest = Manifest.from_bytes(data)
     except ValueError as exc:
         raise UsageError(f"{path} is not a valid manifest: {exc}") from None
+    if isinstance(path, Path):
+        # A large run compacts manifest.json only now and then: its journal holds the
+        # changes since (read-only here; a damaged tail is used up to its last good line).
+        replay_journal(manifest, read_journal(path.with_name(JOURNAL_NAME)))
     alive = None
     status = manifest.status
     if status is RunStatus.RUNNING:
