@@ -227,7 +227,11 @@ class _FileWriter:
                 while True:
                     self._queue.get_nowait()
         finally:
-            self._out.close()
+            try:
+                self._out.close()
+            except BaseException as exc:  # e.g. ENOSPC flushing on close: reported, never a thread traceback
+                if self._error is None:
+                    self._error = exc
 
     def _raise(self) -> None:
         if self._error is not None:
