@@ -735,16 +735,26 @@ class _StdoutTarget:
     metavar="FILE|-|URL",
     help="A file (.gz / .zst: compressed so), - for stdout, or s3:// gs:// az:// abfs:// URL of the object.",
 )
+@click.option(
+    "--error-file",
+    is_flag=True,
+    help="Download a FAILED execution's error file instead of its result (to FILE or -).",
+)
 @api_url_option
 @json_option
-def download(export_id: str, execution_id: str, output: str, api_url: str | None, as_json: bool) -> int:
+def download(
+    export_id: str, execution_id: str, output: str, error_file: bool, api_url: str | None, as_json: bool
+) -> int:
     """Download one execution's result to FILE, stdout or a bucket (atomically; lines are checked).
 
     A file appears under its name only when complete (part file, rename); an object only
     when its multipart upload completes. With ``-o -`` the bytes go to stdout as they are
     checked and the summary to stderr (a failure midway leaves a partial stream: check the
-    exit code).
+    exit code). An execution that did not succeed has no result: the error says so, and
+    ``--error-file`` fetches a FAILED execution's error file.
     """
+    if error_file:
+        return _download_error_file(export_id, execution_id, output, api_url)
     from orchestrator.download import Target
     from orchestrator.download import download as fetch
 
@@ -781,6 +791,19 @@ def download(export_id: str, execution_id: str, output: str, api_url: str | None
 
             await check_access(bucket.store, bucket.location.prefix)  # one line for a missing bucket
         execution = await api.find_execution(export_id, execution_id)
+        if execution is not None and not execution.is_success:
+            # No result to fetch: say what the execution is instead of a bare 404.
+            if execution.is_final:
+                why = f": {execution.error_message}" if execution.error_message else ""
+                raise MicsExportError(
+                    f"execution {execution_id} of export {export_id} ended {execution.raw_status}{why}; "
+                    f"it has no result (its error file: mics-export download {export_id} {execution_id} "
+                    "--error-file -o FILE)"
+                )
+            raise MicsExportError(
+                f"execution {execution_id} of export {export_id} is {execution.raw_status}: no result yet "
+                f"(mics-export executions list {export_id} shows when it ends)"
+            )
         name = execution.technical_name if execution else "export"
         return await fetch(
             lambda start: api.stream_result(export_id, execution_id, technical_name=name, start=start),
@@ -806,6 +829,42 @@ def download(export_id: str, execution_id: str, output: str, api_url: str | None
         )
     # With -o - stdout holds the data: the summary goes to stderr.
     (sys.stderr if to_stdout else sys.stdout).write(text)
+    return EXIT_OK
+
+
+def _download_error_file(export_id: str, execution_id: str, output: str, api_url: str | None) -> int:
+    """``download --error-file``: a FAILED execution's error file (scrubbed) to FILE or stdout."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", output):
+        raise UsageError(f"{output}: --error-file writes to a local file or - (stdout)")
+    path = None if output == "-" else Path(output)
+    if path is not None and (output.endswith("/") or path.is_dir() or not path.parent.is_dir()):
+        raise UsageError(f"{output}: name a file in an existing folder")
+
+    from orchestrator.models import ExecutionStatus
+
+    async def body(api: ApiClient) -> bytes:
+        execution = await api.find_execution(export_id, execution_id)
+        if execution is None:
+            raise MicsExportError(f"export {export_id} has no execution {execution_id}")
+        if execution.status is not ExecutionStatus.FAILED or not execution.organisation_id:
+            raise MicsExportError(
+                f"execution {execution_id} of export {export_id} is {execution.raw_status}: "
+                "only a FAILED execution has an error file"
+            )
+        text = await api.fetch_error_file(execution.organisation_id, execution_id)
+        if text is None:
+            raise MicsExportError(f"execution {execution_id} of export {export_id} FAILED without an error file")
+        return text
+
+    text = _ops(api_url, body)
+    if path is None:
+        sys.stdout.buffer.write(text)
+        sys.stdout.flush()
+    else:
+        from orchestrator.manifest import write_atomic
+
+        write_atomic(path, text)
+        click.echo(f"{output}: the error file of execution {execution_id}, {len(text)} bytes")
     return EXIT_OK
 
 

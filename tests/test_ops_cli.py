@@ -406,3 +406,43 @@ def test_validate_check_queries_without_token_does_not_offer_simulate(tmp_path: 
     assert done.returncode == 2
     line = one_line(done.stderr)
     assert "MICS_API_TOKEN" in line and "--simulate" not in line and "mics-export simulate" in line
+
+
+def _wait_final(sim: SimulatorThread, export_id: str, execution_id: str, timeout_s: float = 10.0) -> str:
+    """Poll the executions list until this one is final; its status."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        items = api(sim, "GET", f"/v1/exports/{export_id}/executions", params={"max_results": 100})["data"]
+        status: str = next(e["status"] for e in items if e["id"] == execution_id)
+        if status not in ("PENDING", "RUNNING"):
+            return status
+        time.sleep(0.01)
+    raise AssertionError("the execution did not end")
+
+
+def test_downloading_a_failed_execution_says_so_and_offers_its_error_file(tmp_path: Path) -> None:
+    """A FAILED execution's download is one line naming FAILED and --error-file; --error-file fetches it."""
+    spec = fast_spec("9879", always_fail=True)
+    with SimulatorThread(sim_config(spec)) as sim:
+        execution_id = new_execution(sim, "9879")
+        assert _wait_final(sim, "9879", execution_id) == "FAILED"
+        out = tmp_path / "result.ndjson"
+        refused = cli(sim, "download", "9879", execution_id, "-o", str(out))
+        fetched = cli(sim, "download", "9879", execution_id, "--error-file", "-o", str(tmp_path / "err.txt"))
+        to_stdout = cli(sim, "download", "9879", execution_id, "--error-file", "-o", "-")
+    assert refused.returncode == 1 and not out.exists()
+    assert "ended FAILED" in refused.stderr and "--error-file" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert fetched.returncode == 0, fetched.stderr
+    assert f"Execution {execution_id}" in (tmp_path / "err.txt").read_text()
+    assert to_stdout.returncode == 0 and f"Execution {execution_id}" in to_stdout.stdout
+
+
+def test_error_file_of_a_succeeded_execution_is_refused(tmp_path: Path) -> None:
+    """--error-file on an execution that did not fail says only a FAILED one has an error file."""
+    with SimulatorThread(sim_config(fast_spec("9879"))) as sim:
+        execution_id = new_execution(sim, "9879")
+        wait_succeeded(sim, "9879", execution_id)
+        done = cli(sim, "download", "9879", execution_id, "--error-file", "-o", str(tmp_path / "err.txt"))
+    assert done.returncode == 1 and "only a FAILED execution has an error file" in done.stderr
+    assert not (tmp_path / "err.txt").exists()
