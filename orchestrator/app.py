@@ -475,7 +475,7 @@ async def execute_async(options: RunOptions, console: Console | None, *, signals
         code = await _supervise(plan, runner, live, signals)
         _report(manifest, plan.jobs)
         await _push_metrics(options.metrics_pushgateway, manifest, plan.shard)
-        _retain(plan, sink, code)
+        await _retain(plan, sink, code)
     return RunResult(
         status=manifest.status,
         exit_code=code,
@@ -761,22 +761,22 @@ async def _push_metrics(gateway: str | None, manifest: Manifest, shard: tuple[in
         log.warning("could not push metrics: %s", exc, extra={"event": "metrics_failed"})
 
 
-def _retain(plan: _Plan, sink: Sink, code: int) -> None:
-    """run.keep_days: after a run that SUCCEEDED, delete older {date} folders (still locked)."""
+async def _retain(plan: _Plan, sink: Sink, code: int) -> None:
+    """run.keep_days: after a run that SUCCEEDED, delete older {date} folders or prefixes (still locked)."""
     keep_days = plan.job_file.run.keep_days
-    if keep_days is None:
+    if keep_days is None or code != EXIT_OK:  # a failed night keeps every earlier one
         return
+    template = plan.job_file.output_template(plan.options.output_dir)
     if isinstance(sink, LocalSink):
-        if code == EXIT_OK:  # a failed night keeps every earlier one
-            from orchestrator.retention import prune
+        from orchestrator.retention import prune
 
-            prune(plan.job_file.output_template(plan.options.output_dir), keep_days, plan.today, sink.folder)
+        prune(template, keep_days, plan.today, sink.folder)
         return
-    log.info(
-        "run.keep_days is for local folders: skipped for %s (use the bucket's lifecycle rules)",
-        sink.url,
-        extra={"event": "retention_skipped"},
-    )
+    from orchestrator.bucket_sink import BucketSink
+    from orchestrator.retention import prune_bucket
+
+    if isinstance(sink, BucketSink):
+        await prune_bucket(template, keep_days, plan.today, sink.location.prefix, sink.store)
 
 
 __all__ = [

@@ -15,7 +15,11 @@ that is scanned, one level deep. A folder is deleted when all of these hold:
 
 Without ``{date}`` in the template nothing is deleted (a warning says why). Each deletion is
 logged (event ``run_folder_deleted``); a folder that cannot be deleted is a warning, never a
-failed run: the exports themselves are done. Local folders only for now.
+failed run: the exports themselves are done.
+
+In a bucket (:func:`prune_bucket`) the same rules hold for the prefixes the template makes
+(``s3://b/exports/{date}``: ``exports/2026-11-20/`` and older), a live lock object (another
+run's lease) keeps a prefix, and every object under an old prefix is deleted.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from obstore.store import ObjectStore
 
 log = logging.getLogger("orchestrator.retention")
 
@@ -176,3 +184,75 @@ def _locks_of(folder: Path) -> Iterator[bool]:
 
 
 __all__ = ["DatedFolders", "dated_folders", "prune"]
+
+
+async def prune_bucket(
+    template: str, keep_days: int, today: dt.date, current_prefix: str, store: ObjectStore
+) -> list[str]:
+    """Delete the run prefixes of the bucket ``template`` older than ``keep_days`` before ``today``.
+
+    ``current_prefix`` is this run's prefix (never deleted, nor one holding it); ``store``
+    the run's object store. Returns the prefixes deleted. Like :func:`prune`, a problem is
+    a warning, never a failed run.
+    """
+    import obstore
+
+    from orchestrator import objstore
+
+    location = objstore.parse_location(template)
+    parts = [p for p in location.prefix.split("/") if p]
+    index = next((i for i, part in enumerate(parts) if DATE_FIELD in part), None)
+    if index is None:
+        log.warning(
+            "run.keep_days is set but the output prefix %s has no {date}: no old run prefix to delete",
+            template,
+            extra={"event": "retention_skipped"},
+        )
+        return []
+    found = dated_folders(parts[index])
+    assert found is not None
+    root = "/".join(parts[:index])
+    deleted: list[str] = []
+    cutoff = today - dt.timedelta(days=keep_days)
+    here = current_prefix.strip("/") + "/"
+    try:
+        listing = await obstore.list_with_delimiter_async(store, root or None)
+        for child in sorted(listing["common_prefixes"]):
+            name = child.rstrip("/").rpartition("/")[2]
+            match = found.name.fullmatch(name)
+            if match is None:
+                continue
+            try:
+                date = dt.date.fromisoformat(match["date"])
+            except ValueError:
+                continue
+            prefix = child.rstrip("/")
+            if date >= cutoff or here.startswith(prefix + "/"):
+                continue
+            if await objstore.lock_alive(store, prefix):
+                log.warning(
+                    "old run prefix %s is in use by another mics-export run: kept",
+                    prefix,
+                    extra={"event": "retention_in_use", "path": prefix},
+                )
+                continue
+            keys = [meta["path"] async for batch in obstore.list(store, prefix + "/") for meta in batch]
+            for key in keys:
+                await objstore.delete(store, key)
+            deleted.append(prefix)
+            log.info(
+                "deleted run prefix %s (%s: more than %d day(s) old, %d object(s))",
+                prefix,
+                date.isoformat(),
+                keep_days,
+                len(keys),
+                extra={"event": "run_folder_deleted", "path": prefix},
+            )
+    except Exception as exc:  # a listing or a delete refused: the exports are done all the same
+        log.warning(
+            "could not delete old run prefixes under %s: %s",
+            root or "the bucket",
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            extra={"event": "retention_failed"},
+        )
+    return deleted

@@ -322,3 +322,45 @@ def _cli() -> list[str]:
     import sys
 
     return [sys.executable, "-m", "orchestrator"]
+
+
+def test_keep_days_deletes_only_old_dated_prefixes_in_the_bucket(s3: S3Bucket, tmp_path: Path) -> None:
+    """run.keep_days in a bucket: old {date} prefixes go after a successful run; newer, other and locked ones stay."""
+    import datetime as dt
+
+    today = dt.datetime.now(dt.UTC).date()
+    old = (today - dt.timedelta(days=30)).isoformat()
+    recent = (today - dt.timedelta(days=2)).isoformat()
+    planted = {
+        f"exports/{old}/a.ndjson": b"{}\n",
+        f"exports/{old}/manifest.json": b"{}",
+        f"exports/{recent}/a.ndjson": b"{}\n",
+        "exports/not-a-date/a.ndjson": b"{}\n",
+        "exports/2026-13-45/a.ndjson": b"{}\n",
+        f"other/{old}/a.ndjson": b"{}\n",
+    }
+    locked_old = (today - dt.timedelta(days=40)).isoformat()
+    lease = json.dumps({"run_id": "x", "lease_s": 3600}).encode()
+    planted[f"exports/{locked_old}/.lock"] = lease
+    for key, body in planted.items():
+        s3.client.put_object(Bucket=s3.bucket, Key=key, Body=body)
+    spec = ExportSpec("1", size_bytes=2_000, pending_s=0.01, running_s=0.02)
+    with _sim(spec) as sim:
+        path = _jobs(tmp_path, f"s3://{s3.bucket}/exports/{{date}}", [{"name": "a", "export_id": "1"}])
+        doc = yaml.safe_load(path.read_text())
+        doc["run"]["keep_days"] = 7
+        path.write_text(yaml.safe_dump(doc))
+        done = run_cli("run", str(path), env=cli_env(sim.url))
+    assert done.returncode == 0, done.stderr
+    keys = _keys(s3)
+    assert not [k for k in keys if k.startswith(f"exports/{old}/")]
+    for kept in (
+        f"exports/{recent}/a.ndjson",
+        "exports/not-a-date/a.ndjson",
+        "exports/2026-13-45/a.ndjson",
+        f"other/{old}/a.ndjson",
+        f"exports/{locked_old}/.lock",
+        f"exports/{today.isoformat()}/a.ndjson",
+    ):
+        assert kept in keys, kept
+    assert "deleted run prefix" in done.stderr and "in use by another mics-export run" in done.stderr
