@@ -33,7 +33,6 @@ Nothing here talks to the API; the only I/O is reading earlier manifests.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 import re
@@ -41,6 +40,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from orchestrator.manifest import parse_iso
 
 log = logging.getLogger("orchestrator.guards")
 
@@ -288,19 +289,10 @@ class Past:
     @property
     def duration_s(self) -> float | None:
         """How long the job took in that run (finished_at - started_at), or None."""
-        start, end = _parse_iso(self.started_at), _parse_iso(self.finished_at)
+        start, end = parse_iso(self.started_at), parse_iso(self.finished_at)
         if start is None or end is None or end < start:
             return None
         return (end - start).total_seconds()
-
-
-def _parse_iso(text: str | None) -> dt.datetime | None:
-    if not text:
-        return None
-    try:
-        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-    except ValueError:
-        return None
 
 
 def earlier_run_folders(output_dir: Path, template: str, limit: int = HISTORY_FOLDERS) -> list[Path]:

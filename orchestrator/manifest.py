@@ -99,9 +99,23 @@ _CLOCK = itertools.count(1)
 """Ticks on every change of a job record (:meth:`JobRecord.__setattr__`)."""
 
 
+ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+"""How the manifest writes times: UTC, to the second."""
+
+
 def now_iso() -> str:
     """The current UTC time as ``2026-11-28T02:00:00Z``."""
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime(ISO_FORMAT)
+
+
+def parse_iso(text: str | None) -> dt.datetime | None:
+    """A time the manifest wrote (:func:`now_iso`), or None for none or anything else."""
+    if not text:
+        return None
+    try:
+        return dt.datetime.strptime(text, ISO_FORMAT).replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
 
 
 @dataclass

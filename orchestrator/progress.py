@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.logs import printable
-from orchestrator.manifest import JobRecord, JobStatus, Manifest
+from orchestrator.manifest import JobRecord, JobStatus, Manifest, parse_iso
 
 _STYLE = {
     JobStatus.SUCCEEDED: "green",
@@ -170,15 +170,6 @@ def format_duration(seconds: float | None) -> str:
     return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
-def _parse_iso(text: str | None) -> dt.datetime | None:
-    if not text:
-        return None
-    try:
-        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-    except ValueError:
-        return None
-
-
 @dataclass(frozen=True)
 class Totals:
     """The run's totals over its selected jobs."""
@@ -210,7 +201,7 @@ def run_totals(manifest: Manifest, names: Iterable[str] | None = None) -> Totals
     """Totals over the jobs ``names`` (default: every job of the manifest)."""
     jobs = [manifest.jobs[n] for n in (manifest.jobs if names is None else names) if n in manifest.jobs]
     counts = {s.value: n for s in JobStatus if (n := sum(1 for j in jobs if j.status is s))}
-    start, end = _parse_iso(manifest.started_at), _parse_iso(manifest.finished_at)
+    start, end = parse_iso(manifest.started_at), parse_iso(manifest.finished_at)
     return Totals(
         jobs=len(jobs),
         counts=counts,
