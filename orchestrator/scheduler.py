@@ -1,18 +1,22 @@
-"""The run: every job's lifecycle, under one task group and one concurrency limit.
+"""The Runner: every job's lifecycle, under one task group and one concurrency limit.
 
 Per job::
 
-    skip if an earlier run into this folder already has it (file present, sha256 equal)
+    skip if an earlier run into this folder / prefix already has it (the sink verifies it)
     ── hold a slot of the CapacityLimiter (at most ``concurrency`` jobs in flight) ──
-    adopt the execution an earlier run recorded, or create one (intent saved first)
-    poll it with jittered exponential backoff until final (per-attempt deadline)
-    SUCCEEDED → stream-download, check, write atomically → SUCCEEDED
-    FAILED    → save its error file; while retries remain, a new execution
+    adopt the execution an earlier run recorded, reuse a recent SUCCEEDED one
+    (reuse_within), or create one (intent saved first; a lost or 5xx create is looked up
+    before creating again); no new execution past the run's deadline
+    poll it with jittered exponential backoff until final — every call of the attempt,
+    lookups included, inside its timeout_s
+    SUCCEEDED → stream-download, check, judge by the guards, commit atomically
+    FAILED    → save its (scrubbed) error file; while retries remain, a new execution
     timeout   → cancel it (best effort) → TIMED_OUT (not retried: see README)
 
-Every state change is saved to the manifest before the next step. One job's failure is
-recorded and never stops the others. SIGTERM / SIGINT cancel the task group: downloads
-delete their temporary files, the manifest is written INTERRUPTED, exit 143 / 130.
+Every state change is recorded in the manifest before the step it enables. One job's
+failure is recorded and never stops the others. The wiring around it — sink, lock, client,
+pool, signals, deadline, report — is :mod:`orchestrator.app`'s: a cancelled Runner leaves
+no temporary file, and app writes the manifest INTERRUPTED.
 """
 
 from __future__ import annotations
