@@ -67,14 +67,23 @@ class _UploadOutput:
         self._up = up
         self._loop = loop
         self._target = target
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        """The writer was aborted (from the event loop): give up the write waited on now."""
+        self._cancelled = True
+        if self._target.pending is not None:
+            self._target.pending.cancel()
 
     def write(self, data: bytes) -> None:
         if not data:
             return
+        if self._cancelled:
+            raise objstore.StorageError(f"upload of {self._target.url} aborted")
         future = asyncio.run_coroutine_threadsafe(self._up.write(bytes(data)), self._loop)
         self._target.pending = future
         while True:
-            if self._target.aborting:
+            if self._target.aborting or self._cancelled:
                 future.cancel()
                 raise objstore.StorageError(f"upload of {self._target.url} aborted")
             try:
@@ -205,6 +214,13 @@ class BucketSink(Sink):
 
     async def write(self, name: str, data: bytes) -> None:
         await objstore.put_bytes(self.store, self.location.key(name), data)
+
+    async def remove(self, name: str) -> bool:
+        key = self.location.key(name)
+        if await objstore.head(self.store, key) is None:
+            return False
+        await objstore.delete(self.store, key)
+        return True
 
     async def open(self, run_id: str) -> None:
         """Before any execution: the bucket answers, the credential is accepted, the lock is ours."""

@@ -254,10 +254,21 @@ class _FileWriter:
         self._raise()
 
     def abort(self) -> None:
-        """Stop writing at once (the caller removes the file)."""
+        """Stop writing at once (the caller removes the file); never blocks the event loop.
+
+        The queue is emptied here and ``_STOP`` queued at once (only the event loop puts, so
+        there is room), and an output whose write may be waiting on something (a bucket
+        upload) is told to give up: the thread then ends after its current chunk at most.
+        """
         self._aborted = True
-        with contextlib.suppress(queue.Full):  # the thread drains the queue and stops on _STOP
-            self._queue.put(_STOP, timeout=1)
+        cancel = getattr(self._out, "cancel", None)
+        if cancel is not None:
+            cancel()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_STOP)
 
     async def discard(self) -> None:
         """Stop writing and wait until the thread has let go of the file (to start it over)."""
@@ -534,7 +545,9 @@ async def download(
             raise InvalidDataError(
                 f"{stats.invalid_lines} invalid line(s), first at line {stats.invalid_line_numbers[0]}"
             )
+        stored: tuple[str | None, int] | None = None
         with anyio.CancelScope(shield=True):
+            # Recorded, then committed, with no moment a signal could fall between the two.
             result = DownloadResult(
                 target.where,
                 received,
@@ -547,17 +560,22 @@ async def download(
             name = await before_rename(result) if before_rename is not None else None
             if name == target.name:
                 name = None
-            if name is not None and not target.can_rename:
-                # The upload went to the normal key and is not complete: abort it, and stream
-                # the same execution's result into the other key (it must hash the same).
-                await target.abort()
-                target = target.retarget(name)
-                await target.open(False)
-                again, digest, _stats, _stream = await _transfer(target, open_stream, 0, **options)  # type: ignore[arg-type]
-                if (again, digest.hexdigest()) != (result.bytes, result.sha256):
-                    raise TransportError(f"the result changed while it was stored again as {name}")
-                name = None
-            stored = await target.commit(name)
+            elsewhere = name is not None and not target.can_rename
+            if not elsewhere:
+                stored = await target.commit(name)
+        if elsewhere:
+            assert name is not None
+            # The upload went to the normal key and is not complete: abort it, and stream
+            # the same execution's result into the other key (it must hash the same). Not
+            # shielded: a signal or the deadline stops this second transfer like the first.
+            await target.abort()
+            target = target.retarget(name)
+            await target.open(False)
+            again, digest, _stats, _stream = await _transfer(target, open_stream, 0, **options)  # type: ignore[arg-type]
+            if (again, digest.hexdigest()) != (result.bytes, result.sha256):
+                raise TransportError(f"the result changed while it was stored again as {name}")
+            with anyio.CancelScope(shield=True):
+                stored = await target.commit(None)
     except BaseException:
         await target.abort()
         raise

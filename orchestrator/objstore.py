@@ -715,7 +715,9 @@ class Lock:
                 await self.renew()
             except LockLostError:
                 raise
-            except StorageError as exc:
+            except (StorageError, StorageUsageError) as exc:
+                # A refused or unreachable credential source (an STS or metadata hiccup) is
+                # retried like any other failure while the lease still runs.
                 if (_now() - self.renewed).total_seconds() >= self.lease_s:
                     raise LockLostError(f"lost the lock {self.url}: could not renew it within its lease") from exc
                 log.warning("could not renew the lock (will retry): %s", exc)
