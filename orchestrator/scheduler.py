@@ -667,6 +667,17 @@ class Runner:
                 max_line_bytes=job.max_line_bytes,
                 on_unverified_length=job.on_unverified_length,
             )
+        if rec.guard is not None and rec.path != dest.name:
+            # Rejected: an earlier file under the final name (another query, another export,
+            # an earlier night's rerun) must not stay there for downstream to load either.
+            with _storage_fails_job():
+                if await self.sink.remove(dest.name):
+                    jl.warning(
+                        "removed the earlier %s: the job's new file was rejected, kept as %s",
+                        dest.name,
+                        rec.path,
+                        extra={"event": "output_removed"},
+                    )
         if result.etag is not None:
             # What a rerun compares with a HEAD to trust the object without downloading it.
             # Marked, not saved: a kill before the next write only costs that rerun a download.

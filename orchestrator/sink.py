@@ -74,6 +74,10 @@ class Sink(ABC):
         """Replace ``name`` with ``data``, atomically (an error file)."""
 
     @abstractmethod
+    async def remove(self, name: str) -> bool:
+        """Remove ``name`` if it is there (never following a link); whether it was."""
+
+    @abstractmethod
     async def read_previous(self) -> Manifest | None:
         """The manifest an earlier run left here (a corrupt one is moved aside, loudly)."""
 
@@ -100,6 +104,13 @@ class LocalSink(Sink):
 
     async def write(self, name: str, data: bytes) -> None:
         await anyio.to_thread.run_sync(write_atomic, self.folder / name, data)
+
+    async def remove(self, name: str) -> bool:
+        try:
+            (self.folder / name).unlink()  # a symlink is removed itself, its target left alone
+        except FileNotFoundError:
+            return False
+        return True
 
     async def read_previous(self) -> Manifest | None:
         return load_previous(self.folder / MANIFEST_NAME)

@@ -241,3 +241,18 @@ def test_max_drop_pct_against_the_previous_days_folder(sim: SimulatorThread, tmp
     assert code == 0, stderr
     assert again["j"]["previous_records"] == big and again["j"]["guard"] is None
     assert (out / "j.ndjson").is_file()
+
+
+def test_a_rejected_file_never_leaves_an_earlier_one_under_the_final_name(sim: SimulatorThread, tmp_path: Path) -> None:
+    """The job points at another export and its new file is rejected: the earlier file under the final name goes too."""
+    jobs_file = write_jobs(tmp_path, [{"name": "j", "export_id": BIG}])
+    code, stderr, _ = _run(sim, jobs_file)
+    assert code == 0, stderr
+    out = tmp_path / "out"
+    assert (out / "j.ndjson").is_file()
+    jobs_file = write_jobs(tmp_path, [{"name": "j", "export_id": SMALL, "min_records": 10**9}])
+    code, stderr, entries = _run(sim, jobs_file)
+    assert code == 1 and entries["j"]["status"] == "FAILED" and entries["j"]["guard"]["name"] == "min_records"
+    assert (out / "j.ndjson.rejected").is_file()
+    assert not (out / "j.ndjson").exists()
+    assert "removed the earlier j.ndjson" in stderr
