@@ -11,6 +11,7 @@ one (a bug) says so, and shows its traceback only at ``-vv``, scrubbed of the to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import sys
@@ -937,7 +938,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = _report(single_error(group), group)
     except BaseException as exc:  # the last resort: one line, never a traceback
         code = _report(exc)
-    sys.exit(code if isinstance(code, int) else EXIT_OK)
+    code = code if isinstance(code, int) else EXIT_OK
+    if "obstore" in sys.modules and argv is None:
+        # obstore's Rust runtime keeps threads that can abort the interpreter while it
+        # finalizes (seen as a rare SIGABRT after the command's last line). Everything is
+        # written, fsynced and closed by now: flush what is buffered and leave without
+        # finalizing, so the exit code is the command's own.
+        import logging
+
+        with contextlib.suppress(Exception):  # a closed pipe (| head) changes nothing here
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 __all__ = ["cli", "main"]
