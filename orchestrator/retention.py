@@ -229,14 +229,16 @@ async def prune_bucket(
             prefix = child.rstrip("/")
             if date >= cutoff or here.startswith(prefix + "/"):
                 continue
-            if await objstore.lock_alive(store, prefix):
+            keys = [meta["path"] async for batch in obstore.list(store, prefix + "/") for meta in batch]
+            # The run's own lock, and a shard's (PREFIX/shard-I-of-N/.lock): any live one keeps it.
+            locked = [k[: -len("/" + objstore.LOCK_NAME)] for k in keys if k.endswith("/" + objstore.LOCK_NAME)]
+            if any([await objstore.lock_alive(store, where) for where in locked]):
                 log.warning(
                     "old run prefix %s is in use by another mics-export run: kept",
                     prefix,
                     extra={"event": "retention_in_use", "path": prefix},
                 )
                 continue
-            keys = [meta["path"] async for batch in obstore.list(store, prefix + "/") for meta in batch]
             for key in keys:
                 await objstore.delete(store, key)
             deleted.append(prefix)

@@ -325,7 +325,8 @@ def _cli() -> list[str]:
 
 
 def test_keep_days_deletes_only_old_dated_prefixes_in_the_bucket(s3: S3Bucket, tmp_path: Path) -> None:
-    """run.keep_days in a bucket: old {date} prefixes go after a successful run; newer, other and locked ones stay."""
+    """run.keep_days in a bucket: old {date} prefixes go after a successful run; newer, other and locked
+    ones (a shard's lock too) stay."""
     import datetime as dt
 
     today = dt.datetime.now(dt.UTC).date()
@@ -342,6 +343,8 @@ def test_keep_days_deletes_only_old_dated_prefixes_in_the_bucket(s3: S3Bucket, t
     locked_old = (today - dt.timedelta(days=40)).isoformat()
     lease = json.dumps({"run_id": "x", "lease_s": 3600}).encode()
     planted[f"exports/{locked_old}/.lock"] = lease
+    shard_locked_old = (today - dt.timedelta(days=50)).isoformat()
+    planted[f"exports/{shard_locked_old}/shard-0-of-2/.lock"] = lease
     for key, body in planted.items():
         s3.client.put_object(Bucket=s3.bucket, Key=key, Body=body)
     spec = ExportSpec("1", size_bytes=2_000, pending_s=0.01, running_s=0.02)
@@ -360,6 +363,7 @@ def test_keep_days_deletes_only_old_dated_prefixes_in_the_bucket(s3: S3Bucket, t
         "exports/2026-13-45/a.ndjson",
         f"other/{old}/a.ndjson",
         f"exports/{locked_old}/.lock",
+        f"exports/{shard_locked_old}/shard-0-of-2/.lock",
         f"exports/{today.isoformat()}/a.ndjson",
     ):
         assert kept in keys, kept
