@@ -26,7 +26,7 @@ import gzip
 import socket
 import struct
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from types import TracebackType
@@ -366,6 +366,27 @@ class HostileThread:
             raise AssertionError(f"the hostile handler failed: {self.server.errors[0]!r}")
 
 
+def small_spec(export_id: str, **kw: Any) -> Any:
+    """An export whose executions last milliseconds and whose 20 kB file is seeded by its id."""
+    from orchestrator.simulator import ExportSpec
+
+    values: dict[str, Any] = {"size_bytes": 20_000, "pending_s": 0.01, "running_s": 0.02, "seed": int(export_id)}
+    values.update(kw)
+    return ExportSpec(export_id, **values)
+
+
+@contextlib.contextmanager
+def scene(handler: Handler, *specs: Any, token: str) -> Iterator[tuple[Any, HostileThread]]:
+    """A simulator serving ``specs`` (accepting ``token``) behind a hostile proxy answering through ``handler``."""
+    from orchestrator.simulator import SimulatorConfig, SimulatorThread
+
+    with (
+        SimulatorThread(SimulatorConfig(token=token, exports=specs)) as sim,
+        HostileThread(sim.url, handler) as proxy,
+    ):
+        yield sim, proxy
+
+
 __all__ = [
     "Forward",
     "Handler",
@@ -382,4 +403,6 @@ __all__ = [
     "is_executions_list",
     "json_wire",
     "passthrough",
+    "scene",
+    "small_spec",
 ]

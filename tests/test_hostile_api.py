@@ -11,11 +11,11 @@ others do meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,31 +35,27 @@ from hostile import (
     is_executions_list,
     json_wire,
     passthrough,
+    scene,
+    small_spec,
 )
 from support import TOKEN, assert_exact, cli_env, jobs_by_name, leftovers, manifest, run_cli, write_jobs
 
 from orchestrator.context import bind_job
-from orchestrator.simulator import ExportSpec, SimulatorConfig, SimulatorThread
+from orchestrator.simulator import ExportSpec, SimulatorThread
 
 PREFIX = TOKEN[:8]
 """The token's first characters: an error cut at the wrong place would leak these."""
 
 
 def _spec(export_id: str, **kw: Any) -> ExportSpec:
-    """An export whose executions last milliseconds and whose file is small."""
-    values: dict[str, Any] = {"size_bytes": 20_000, "pending_s": 0.01, "running_s": 0.02, "seed": int(export_id)}
-    values.update(kw)
-    return ExportSpec(export_id, **values)
+    spec: ExportSpec = small_spec(export_id, **kw)
+    return spec
 
 
-@contextmanager
-def _scene(handler: Handler, *specs: ExportSpec) -> Iterator[tuple[SimulatorThread, HostileThread]]:
-    """A simulator with ``specs`` behind a hostile proxy that answers through ``handler``."""
-    with (
-        SimulatorThread(SimulatorConfig(token=TOKEN, exports=specs)) as sim,
-        HostileThread(sim.url, handler) as proxy,
-    ):
-        yield sim, proxy
+def _scene(
+    handler: Handler, *specs: ExportSpec
+) -> contextlib.AbstractContextManager[tuple[SimulatorThread, HostileThread]]:
+    return scene(handler, *specs, token=TOKEN)
 
 
 def _run(

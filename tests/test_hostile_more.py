@@ -11,13 +11,13 @@ milliseconds; what is the run's (deadlines, adoption, the dialect) runs the real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ from hostile import (
     is_executions_list,
     json_wire,
     passthrough,
+    scene,
+    small_spec,
 )
 from support import TOKEN, assert_exact, cli_env, jobs_by_name, leftovers, manifest, run_cli, write_jobs
 
@@ -42,7 +44,7 @@ from orchestrator.api import ApiClient, RetryPolicy, Timeouts
 from orchestrator.download import DownloadResult, download
 from orchestrator.errors import ApiError, JobError, TransportError
 from orchestrator.models import Execution
-from orchestrator.simulator import ExportSpec, SimulatorConfig, SimulatorThread
+from orchestrator.simulator import ExportSpec, SimulatorThread
 
 DATA = b"".join(b'{"i":%d,"pad":"%s"}\n' % (i, b"x" * 40) for i in range(1500))
 N = len(DATA)
@@ -436,18 +438,14 @@ async def test_odd_ndjson_bytes_are_kept_exact_and_counted_as_the_spec_says(tmp_
 
 # -- the real API's dialect, through the CLI --------------------------------------------------------
 def _spec(export_id: str, **kw: Any) -> ExportSpec:
-    values: dict[str, Any] = {"size_bytes": 20_000, "pending_s": 0.01, "running_s": 0.02, "seed": int(export_id)}
-    values.update(kw)
-    return ExportSpec(export_id, **values)
+    spec: ExportSpec = small_spec(export_id, **kw)
+    return spec
 
 
-@contextmanager
-def _scene(handler: Handler, *specs: ExportSpec) -> Iterator[tuple[SimulatorThread, HostileThread]]:
-    with (
-        SimulatorThread(SimulatorConfig(token=TOKEN, exports=specs)) as sim,
-        HostileThread(sim.url, handler) as proxy,
-    ):
-        yield sim, proxy
+def _scene(
+    handler: Handler, *specs: ExportSpec
+) -> contextlib.AbstractContextManager[tuple[SimulatorThread, HostileThread]]:
+    return scene(handler, *specs, token=TOKEN)
 
 
 def _clean(proc: Any, out: Path) -> dict[str, dict[str, Any]]:
