@@ -75,6 +75,7 @@ class _NoRenameTarget:
 async def test_a_cancel_stops_the_second_transfer_of_a_rejected_file() -> None:
     """Storing a rejected file again (no rename in a bucket) is not shielded: a signal stops it at once."""
     transfers = 0
+    second_started = anyio.Event()
 
     def open_stream(start: int) -> AsyncIterator[bytes]:
         nonlocal transfers
@@ -84,6 +85,7 @@ async def test_a_cancel_stops_the_second_transfer_of_a_rejected_file() -> None:
         async def lines() -> AsyncIterator[bytes]:
             for _ in range(100):
                 if slow:
+                    second_started.set()
                     await anyio.sleep(0.1)  # the second transfer of a big file
                 yield b'{"a":1}\n'
 
@@ -92,16 +94,16 @@ async def test_a_cancel_stops_the_second_transfer_of_a_rejected_file() -> None:
     async def reject(result: DownloadResult) -> str:
         return "x.ndjson.rejected"
 
-    started = time.monotonic()
-    with anyio.move_on_after(0.5):  # SIGTERM or the deadline cancelling the run
-        await download(
-            open_stream,
-            _NoRenameTarget("x.ndjson"),
-            before_rename=reject,
-            on_unverified_length="keep",
-        )
+    async def stored_again() -> None:
+        await download(open_stream, _NoRenameTarget("x.ndjson"), before_rename=reject, on_unverified_length="keep")
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(stored_again)
+        await second_started.wait()
+        cancelled_at = time.monotonic()
+        group.cancel_scope.cancel()  # SIGTERM or the deadline cancelling the run
     assert transfers == 2
-    assert time.monotonic() - started < 3  # 10 s of transfer were left: it did not run them
+    assert time.monotonic() - cancelled_at < 3  # 10 s of transfer were left: it did not run them
 
 
 class _LoopOutput:
