@@ -193,6 +193,10 @@ class InvalidDataError(JobError):
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 """SPEC.md's exit codes: all succeeded; the run (or an API call) failed; usage error."""
+EXIT_DEADLINE = 124
+"""The run reached its deadline (run.deadline / --deadline) and stopped as on SIGTERM (like timeout(1))."""
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+"""Stopped by SIGINT (Ctrl-C, or a Python caller's cancellation) / by SIGTERM: 128 + the signal."""
 
 
 TRANSIENT: tuple[type[MicsExportError], ...] = (TransientApiError, TransportError, MalformedResponseError)
@@ -232,8 +236,11 @@ def _is_cancellation(exc: BaseException) -> bool:
 
 
 __all__ = [
+    "EXIT_DEADLINE",
     "EXIT_FAILED",
     "EXIT_OK",
+    "EXIT_SIGINT",
+    "EXIT_SIGTERM",
     "EXIT_USAGE",
     "TRANSIENT",
     "ApiError",

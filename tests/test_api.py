@@ -40,7 +40,7 @@ from hostile import (
     passthrough,
 )
 
-from orchestrator.api import ApiClient, RetryPolicy, Throttle, _error_from, _Secret
+from orchestrator.api import ApiClient
 from orchestrator.errors import (
     ApiError,
     AuthError,
@@ -52,12 +52,13 @@ from orchestrator.errors import (
     TransportError,
 )
 from orchestrator.models import Execution, ExecutionStatus, Export, Page, QueryCheck
-from orchestrator.scheduler import poll_waits
+from orchestrator.retry import PollSchedule, RetryPolicy
 from orchestrator.simulator import Faults, Simulator
+from orchestrator.transport import Secret, Throttle, error_from
 
 pytestmark = pytest.mark.anyio
 
-LOGGERS = ("", "orchestrator", "aiohttp", "aiohttp.client", "aiohttp.server", "aiohttp.web", "asyncio", "backoff")
+LOGGERS = ("", "orchestrator", "aiohttp", "aiohttp.client", "aiohttp.server", "aiohttp.web", "asyncio")
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +129,7 @@ async def test_get_export_and_its_404s() -> None:
             assert caught.value.status == 404
             assert caught.value.error == "Resource Not Found"
             uuid.UUID(caught.value.error_id or "")
-            assert caught.value.error_id in str(caught.value)
+            assert caught.value.error_id is not None and caught.value.error_id in str(caught.value)
             assert_no_token(caught.value)
         assert sim.stats.requests["exports.get"] == 3  # a 404 is not retried
 
@@ -188,7 +189,8 @@ async def test_check_query_refused_by_the_api_keeps_status_code_and_id() -> None
         exc = caught.value
         assert type(exc) is ApiError and exc.status == 400
         uuid.UUID(exc.error_id or "")
-        assert exc.error is not None and exc.error in str(exc) and exc.error_id in str(exc)
+        assert exc.error is not None and exc.error in str(exc)
+        assert exc.error_id is not None and exc.error_id in str(exc)
         assert_no_token(exc)
         assert sim.stats.requests["queries.check"] == 1  # a 400 is final: no retry
 
@@ -812,9 +814,9 @@ async def test_an_error_echoing_the_token_is_scrubbed_before_it_is_cut(padding: 
 
 def test_a_cut_that_ends_in_the_start_of_the_token_loses_it() -> None:
     """A text read in part (an error body, an error file) that ends in the start of the token drops it."""
-    exc = _error_from(502, b"<html>" + b"y" * 50 + TOKEN[:9].encode(), "GET", "/v1/x", None, _Secret(TOKEN))
+    exc = error_from(502, b"<html>" + b"y" * 50 + TOKEN[:9].encode(), "GET", "/v1/x", None, Secret(TOKEN))
     assert TOKEN[:6] not in str(exc) and "***" in str(exc)
-    secret = _Secret(TOKEN)
+    secret = Secret(TOKEN)
     assert secret.cut_bytes(b"abc" + TOKEN[:5].encode(), 100) == b"abc***"
     assert secret.cut_bytes(b"abc" + TOKEN.encode() + b"xyz", 8) == b"abc***xy"
     assert secret.cut_bytes(b"abc tok", 100) == b"abc tok"  # 3 characters prove nothing: kept
@@ -866,18 +868,17 @@ async def test_query_check_message_echoing_the_token_is_scrubbed() -> None:
 
 # -- waits that never overflow -------------------------------------------------------------------
 def test_poll_waits_never_overflow() -> None:
-    """poll_waits can be driven 5,000 times (hours of polling) without OverflowError, each wait within max_s."""
-    waits = poll_waits(1.0, 5.0)
-    next(waits)
+    """A poll schedule can be driven 5,000 times (hours of polling) without OverflowError, each wait within max_s."""
+    schedule = PollSchedule(1.0, 5.0)
     for _ in range(5_000):
-        wait = waits.send(None)
+        wait = schedule.next_wait(None)
         assert 0.0 <= wait <= 5.0
 
 
 def test_retry_and_throttle_waits_never_overflow() -> None:
     """The retry wait for a huge try number and the pause after 5,000 429s in a row stay within their caps."""
-    api = ApiClient("http://127.0.0.1:9", TOKEN, retry=RetryPolicy(max_wait_s=30.0))
-    assert all(0 <= api.retry_wait(n) <= 30.0 for n in (0, 10, 1_100, 10**6))
+    policy = RetryPolicy(max_wait_s=30.0)
+    assert all(0 <= policy.wait(n) <= 30.0 for n in (0, 10, 1_100, 10**6))
     throttle = Throttle(max_pause_s=2.0)
     for _ in range(5_000):
         throttle.on_throttled(None)

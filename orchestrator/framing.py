@@ -1,0 +1,129 @@
+"""What the headers and the framing of a file answer mean, and inflating its body.
+
+The pieces :class:`~orchestrator.stream.ResumableStream` reads an answer with: its strong
+validator, its ``Content-Range``, header lines joined as lists, whether a Content-Type can
+hold NDJSON, and gzip / deflate decoding that knows whether the compressed stream reached
+its end (aiohttp does not notice a gzip body cut before its trailer).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+
+
+class BodyCut(aiohttp.ClientPayloadError):
+    """A body that ended before a length it stated (aiohttp raises nothing for this kind):
+    a payload error, so that the one error mapping makes it an IncompleteBodyError."""
+
+
+_NOT_NDJSON_MAJOR = frozenset({"image", "audio", "video", "font", "model", "multipart", "message"})
+_NOT_NDJSON = frozenset({"application/pdf", "application/javascript", "text/css", "text/javascript"})
+INFLATED = frozenset({"gzip", "x-gzip", "deflate"})
+
+
+def cannot_be_ndjson(content_type: str | None) -> bool:
+    """True for media types that cannot hold NDJSON (HTML, XML, images...); missing is fine."""
+    media = (content_type or "").partition(";")[0].strip().lower()
+    if not media:
+        return False
+    major, _, sub = media.partition("/")
+    return major in _NOT_NDJSON_MAJOR or "html" in sub or "xml" in sub or media in _NOT_NDJSON
+
+
+def validator_of(resp: aiohttp.ClientResponse) -> str | None:
+    """The answer's strong validator: its ETag unless weak, else Last-Modified."""
+    etag = resp.headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return resp.headers.get("Last-Modified") or None
+
+
+def content_range(value: str) -> tuple[int, int, int | None] | None:
+    """``bytes a-b/total`` → (a, b, total or None for ``*``); None when malformed."""
+    unit, _, spec = value.strip().partition(" ")
+    span, _, total = spec.partition("/")
+    first, _, last = span.partition("-")
+    if unit.lower() != "bytes" or not first.isdigit() or not last.isdigit():
+        return None
+    a, b = int(first), int(last)
+    if b < a or not (total == "*" or total.isdigit()) or (total.isdigit() and b >= int(total)):
+        return None
+    return a, b, None if total == "*" else int(total)
+
+
+def header(resp: aiohttp.ClientResponse, name: str) -> str:
+    """Every value of header ``name``, joined as one list: a second ``Content-Encoding: gzip``
+    line means gzip twice, and two ``Content-Range`` lines are no range at all."""
+    return ", ".join(resp.headers.getall(name, ()))
+
+
+def coding_list(value: str) -> list[str]:
+    """A coding list (``gzip, chunked``) in order, lower case, without empty items."""
+    return [c.strip().lower() for c in value.split(",") if c.strip()]
+
+
+class Inflater:
+    """gzip / deflate decoding that knows whether the compressed stream reached its end."""
+
+    def __init__(self, encoding: str, limit: int) -> None:
+        self.encoding = encoding
+        self.limit = limit  # most bytes out per step: no inflating a bomb in one go
+        self._z: Any = None
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The bytes ``data`` inflates to, ``limit`` at a time: a generator, so that each piece
+        is written before the next is inflated (a list of them would hold a bomb whole)."""
+        if not data:
+            return
+        if self._z is None:
+            # deflate is meant to be zlib-wrapped; some servers send it raw (aiohttp sniffs too).
+            wbits = 31 if self.encoding != "deflate" else (15 if data[0] & 0x0F == 8 else -15)
+            self._z = zlib.decompressobj(wbits)
+        if self._z.eof:
+            raise BodyCut("data after the end of the compressed stream")
+        yield self._z.decompress(data, self.limit)
+        while self._z.unconsumed_tail:
+            yield self._z.decompress(self._z.unconsumed_tail, self.limit)
+        if self._z.unused_data:
+            raise BodyCut("data after the end of the compressed stream")
+
+    @property
+    def eof(self) -> bool:
+        return self._z is not None and bool(self._z.eof)
+
+
+class Decoder:
+    """A Content-Encoding's codings (``gzip, gzip`` is gzip applied twice) undone in reverse."""
+
+    def __init__(self, codings: list[str], limit: int) -> None:
+        self.layers = [Inflater(c, limit) for c in reversed(codings)]
+
+    def feed(self, data: bytes, layer: int = 0) -> Iterator[bytes]:
+        if layer == len(self.layers):
+            yield data
+            return
+        for piece in self.layers[layer].feed(data):
+            if piece:
+                yield from self.feed(piece, layer + 1)
+
+    @property
+    def eof(self) -> bool:
+        """Every coding reached the end of its stream (the gzip trailers checked)."""
+        return all(layer.eof for layer in self.layers)
+
+
+__all__ = [
+    "INFLATED",
+    "BodyCut",
+    "Decoder",
+    "Inflater",
+    "cannot_be_ndjson",
+    "coding_list",
+    "content_range",
+    "header",
+    "validator_of",
+]
