@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from orchestrator import objstore
-from orchestrator.download import Output, Target
 from orchestrator.manifest import MANIFEST_NAME, JobRecord, Manifest, ManifestStore
 from orchestrator.sink import Sink
+from orchestrator.transfer import Output, Target
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore

@@ -1,4 +1,4 @@
-"""Data-quality guards, durations, and what earlier runs tell this one (pure logic).
+"""Data-quality guards, and what earlier runs tell this one (pure logic).
 
 **Guards** (per job, or in ``defaults``) judge a complete file before it becomes visible:
 
@@ -34,14 +34,13 @@ Nothing here talks to the API; the only I/O is reading earlier manifests.
 from __future__ import annotations
 
 import logging
-import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from orchestrator.manifest import parse_iso
+from orchestrator.durations import describe_duration, parse_duration
+from orchestrator.record import parse_iso
 
 log = logging.getLogger("orchestrator.guards")
 
@@ -49,62 +48,6 @@ REJECTED_SUFFIX = ".rejected"
 """Appended to the final name of a file a guard rejected (``visitors.ndjson.rejected``)."""
 HISTORY_FOLDERS = 31
 """How many earlier run folders are searched for a job's last SUCCEEDED run, newest first."""
-
-# -- durations -------------------------------------------------------------------------------
-_DURATION = re.compile(
-    r"(?:(?P<d>[0-9]+(?:\.[0-9]+)?)d)?(?:(?P<h>[0-9]+(?:\.[0-9]+)?)h)?"
-    r"(?:(?P<m>[0-9]+(?:\.[0-9]+)?)m)?(?:(?P<s>[0-9]+(?:\.[0-9]+)?)s)?"
-)
-_UNIT_S = {"d": 86_400.0, "h": 3_600.0, "m": 60.0, "s": 1.0}
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from ``90``, ``"90"``, ``"90s"``, ``"90m"``, ``"6h"``, ``"1d"``, ``"5h30m"``.
-
-    Raises ValueError with a one-line reason for anything else, zero, or a negative value.
-    """
-    if isinstance(value, bool):
-        raise ValueError("must be a duration such as 90m, 6h, 1d or a number of seconds, not a boolean")
-    if isinstance(value, int | float):
-        try:
-            seconds = float(value)
-        except OverflowError:  # an int beyond a double: far past any limit the caller sets
-            seconds = math.inf
-    elif isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        try:
-            seconds = float(text)
-        except ValueError:
-            match = _DURATION.fullmatch(text)
-            if not text or match is None:
-                shown = repr(value if len(value) <= 40 else value[:40] + "...")
-                raise ValueError(
-                    f"must be a duration such as 90m, 6h, 1d, 5h30m or a number of seconds, not {shown}"
-                ) from None
-            try:
-                seconds = sum(float(n) * _UNIT_S[unit] for unit, n in match.groupdict().items() if n is not None)
-            except OverflowError:
-                seconds = math.inf
-    else:
-        raise ValueError("must be a duration such as 90m, 6h, 1d or a number of seconds")
-    if math.isnan(seconds) or seconds <= 0:
-        raise ValueError("must be a duration greater than 0")
-    if math.isinf(seconds):
-        raise ValueError("must be a finite duration (at most ten years)")
-    return seconds
-
-
-def describe_duration(seconds: float) -> str:
-    """``5h30m``, ``90s``, ``1d2h``: for messages (rounded to the second)."""
-    if seconds < 59.5:
-        return f"{max(seconds, 0):.2g}s" if seconds < 10 else f"{round(seconds)}s"
-    left = round(seconds)
-    parts = []
-    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)):
-        n, left = divmod(left, size)
-        if n:
-            parts.append(f"{n}{unit}")
-    return "".join(parts)
 
 
 # -- the guards ------------------------------------------------------------------------------
@@ -350,11 +293,11 @@ class RunHistory:
     def local(cls, output_dir: Path | None, template: str, records: Mapping[str, Any]) -> RunHistory:
         """The history of a local output folder; ``records`` are its previous manifest's job
         records (snapshotted now). A bucket (``output_dir`` None) has no sibling lookup yet."""
-        from orchestrator.manifest import MANIFEST_NAME, Manifest
+        from orchestrator.journal import MANIFEST_NAME, load_manifest
 
         here = {n: Past.of(r, "this output folder") for n, r in records.items()}
         folders = earlier_run_folders(output_dir, template) if output_dir is not None else []
-        return cls(here, folders, lambda folder: Manifest.load(folder / MANIFEST_NAME))
+        return cls(here, folders, lambda folder: load_manifest(folder / MANIFEST_NAME))
 
     def _jobs_in(self, folder: Path) -> dict[str, Past]:
         if folder not in self._loaded:

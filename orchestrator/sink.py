@@ -34,7 +34,6 @@ from pathlib import Path
 import anyio
 import zstandard
 
-from orchestrator.download import LocalTarget, Target, sha256_of_file
 from orchestrator.manifest import (
     MANIFEST_NAME,
     JobRecord,
@@ -43,6 +42,8 @@ from orchestrator.manifest import (
     load_previous,
     write_atomic,
 )
+from orchestrator.part_file import LocalTarget, sha256_of_file
+from orchestrator.transfer import Target
 
 log = logging.getLogger("orchestrator.sink")
 
@@ -128,14 +129,4 @@ class LocalSink(Sink):
         return bool(digest == rec.sha256)
 
 
-def open_sink(output: str | Path) -> Sink:
-    """A sink for a folder path or a bucket URL (UsageError for a bad URL or configuration)."""
-    if isinstance(output, str):
-        from orchestrator.bucket_sink import BucketSink
-        from orchestrator.objstore import parse_location
-
-        return BucketSink(parse_location(output))
-    return LocalSink(output)
-
-
-__all__ = ["LocalSink", "Sink", "open_sink"]
+__all__ = ["LocalSink", "Sink"]

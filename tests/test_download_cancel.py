@@ -1,6 +1,6 @@
 """The download's stop paths: a signal reaches every transfer, an abort never waits on the loop.
 
-These drive :func:`orchestrator.download.download` and its writer thread through small
+These drive :func:`orchestrator.download.receive`, its completed part and the writer thread through small
 targets of the download's own Target/Output interface (the bucket target's shape: no
 rename, writes that wait on the event loop), because what is checked is the download's
 cancellation and abort logic, not any store.
@@ -20,7 +20,8 @@ from typing import Any
 import anyio
 import pytest
 
-from orchestrator.download import DownloadResult, Output, Target, _FileWriter, download
+from orchestrator.download import DownloadOptions, OnUnverifiedLength, Output, Target, receive
+from orchestrator.transfer import _FileWriter
 
 
 class _NullOutput:
@@ -91,11 +92,13 @@ async def test_a_cancel_stops_the_second_transfer_of_a_rejected_file() -> None:
 
         return lines()
 
-    async def reject(result: DownloadResult) -> str:
-        return "x.ndjson.rejected"
-
     async def stored_again() -> None:
-        await download(open_stream, _NoRenameTarget("x.ndjson"), before_rename=reject, on_unverified_length="keep")
+        options = DownloadOptions(on_unverified_length=OnUnverifiedLength.KEEP)
+        part = await receive(open_stream, _NoRenameTarget("x.ndjson"), options)
+        async with part:
+            with anyio.CancelScope(shield=True):
+                await part.commit("x.ndjson.rejected")  # a guard rejected it: it goes under another name
+            await part.finish()
 
     async with anyio.create_task_group() as group:
         group.start_soon(stored_again)
@@ -170,3 +173,26 @@ async def test_a_credential_hiccup_does_not_lose_the_bucket_lock() -> None:
         with anyio.fail_after(5):
             await lock.keep_alive(every_s=0.02)
     assert failures > 3  # retried through the lease, then lost: never ended by the first hiccup
+
+
+@pytest.mark.anyio
+async def test_a_part_whose_record_fails_is_never_committed(tmp_path: PurePath) -> None:
+    """A record step that raises inside the shielded scope means no rename: no final file, no part file left."""
+    from pathlib import Path
+
+    from orchestrator.download import LocalTarget
+
+    folder = Path(str(tmp_path))
+
+    async def lines(start: int) -> AsyncIterator[bytes]:
+        yield b'{"a":1}\n'
+
+    options = DownloadOptions(on_unverified_length=OnUnverifiedLength.KEEP)
+    part = await receive(lines, LocalTarget(folder / "x.ndjson", "e1"), options)
+    assert part.result.records == 1 and not part.committed
+    with pytest.raises(OSError, match="disk full"):
+        async with part:
+            with anyio.CancelScope(shield=True):
+                raise OSError("disk full")  # the manifest write that records it
+            await part.commit()  # pragma: no cover - never reached
+    assert list(folder.iterdir()) == []

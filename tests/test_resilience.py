@@ -6,7 +6,6 @@ process, and checks outputs byte for byte and the simulator's count of execution
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
@@ -410,38 +409,6 @@ def test_a_huge_retry_after_pauses_no_longer_than_the_cap() -> None:
     assert throttle.pause_until - time.monotonic() <= 2.0
 
 
-def _children(pid: int) -> list[int]:
-    """Direct child processes of ``pid`` (Linux /proc)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        out += [int(c) for c in text]
-    return out
-
-
-def test_a_dead_validation_worker_fails_its_download_not_the_run(tmp_path: Path) -> None:
-    """If a validation worker is killed (an OOM kill, say), the run still finishes and records every job."""
-    specs = [ExportSpec(str(i), size_bytes=3 * MIB, pending_s=0.01, running_s=0.02, seed=i) for i in (1, 2)]
-    with _sim(*specs, faults=Faults(slow_body_bps=3 * MIB)) as sim:
-        path = write_jobs(tmp_path, [{"name": f"j{s.id}", "export_id": s.id} for s in specs])
-        out = tmp_path / "out"
-        proc = start_cli("run", str(path), "--workers", "2", env=cli_env(sim.url))
-        wait_for(lambda: list(out.glob(".j*.ndjson.*.part")), what="downloads to start")
-        workers = wait_for(lambda: _children(proc.pid), what="the worker processes")
-        os.kill(workers[0], signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode in (0, 1) and "Traceback" not in stderr
-    doc = manifest(out)
-    assert doc["status"] in ("SUCCEEDED", "FAILED")
-    for spec in specs:
-        entry = jobs_by_name(doc)[f"j{spec.id}"]
-        if entry["status"] == "SUCCEEDED":
-            assert_exact(out, f"j{spec.id}", spec)
-        else:
-            assert entry["status"] == "FAILED" and "validation worker" in entry["error"]
-    assert leftovers(out) == []
-
-
 def test_a_complete_part_file_is_finished_without_downloading_again(tmp_path: Path) -> None:
     """Killed between recording a complete download and renaming it: the rerun renames it, fetching nothing."""
     spec = ExportSpec("1", size_bytes=300_000, pending_s=0.01, running_s=0.02)
@@ -457,3 +424,37 @@ def test_a_complete_part_file_is_finished_without_downloading_again(tmp_path: Pa
     assert_exact(out, "a", spec)
     assert bytes_served == spec.result().size  # served once, by the first run
     assert leftovers(out) == []
+
+
+def test_a_new_execution_after_a_failed_adoption_is_not_treated_as_adopted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An earlier run's execution is gone, so one is created: a 404 on its file fails the job, no third execution."""
+    from hostile import Forward, Request, Wire, is_download, json_wire, passthrough, scene
+
+    import orchestrator
+    from orchestrator.manifest import JobRecord, JobStatus, Manifest
+
+    for name in ("MICS_API_URL", "MICS_DEADLINE_S", "MICS_SHARD_COUNT", "JOB_COMPLETION_INDEX"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RESILIENCE_TOKEN", TOKEN)
+
+    async def handler(req: Request, forward: Forward) -> Wire:
+        if is_download(req):
+            return json_wire(404, {"status": "error", "error": "Not Found"})
+        return await passthrough(req, forward)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = Manifest()  # killed while the platform ran an execution it no longer lists
+    earlier.jobs["a"] = JobRecord(name="a", export_id="1", execution_id="987654", status=JobStatus.RUNNING, attempts=1)
+    (out / "manifest.json").write_bytes(earlier.to_bytes())
+    spec = ExportSpec("1", size_bytes=20_000, pending_s=0.01, running_s=0.02)
+    with scene(handler, spec, token=TOKEN) as (sim, proxy):
+        jobs = write_jobs(
+            tmp_path, [{"name": "a", "export_id": "1"}], api={"base_url": proxy.url, "token_env": "RESILIENCE_TOKEN"}
+        )
+        result = orchestrator.run(jobs, workers=0)
+        created = sim.stats.executions_created["1"]
+    assert result.job("a").status is JobStatus.FAILED
+    assert created == 1  # the execution this run created is not "adopted": its gone file is a failure
