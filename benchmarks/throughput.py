@@ -4,7 +4,8 @@ For each record shape (small ~57 B lines, big ~460 B lines), in alternation, ≥
 
 - ceiling: `orchestrator.ndjson.LineChecker.feed` alone over the same bytes held in memory,
   one core, in this process (generated with `ResultFile(size, shape).iter_chunks()`): the
-  block validator (`check_block`, two yyjson parses per chunk, exact fallback);
+  block validator (`orchestrator.blockcheck.check_block`, two yyjson parses per 64 KiB
+  part, exact fallback);
 - perline: the previous hot loop, `orjson.loads` on each line of the same chunks (the old
   one-core ceiling); "validator ≥ 3× per-line orjson" compares the two in the same run;
 - the same loop in 2 processes at once (summed): what both cores can parse together here;
@@ -32,36 +33,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import (
-    MiB,
-    SimProcess,
-    alternate,
-    base_parser,
-    ceiling_chunks,
-    ceiling_mb_s,
-    create_execution,
-    curl,
-    export_spec,
-    file_url,
-    fmt_size,
-    parallel_ceiling_mb_s,
-    parse_size,
-    print_footer,
-    print_header,
-    pyspy_record,
-    pyspy_summary,
-    ratio,
-    run_cmd,
-    run_export,
-    save_json,
-    summarize,
-    table,
-    wait_final,
-    work_dir,
-    write_jobs,
-)
+from benchmarks.harness.base import MiB, alternate, base_parser, fmt_size, parse_size, work_dir
+from benchmarks.harness.ceiling import ceiling_chunks, ceiling_mb_s, curl, parallel_ceiling_mb_s
+from benchmarks.harness.pyspy import pyspy_record, pyspy_summary
+from benchmarks.harness.report import print_footer, print_header, ratio, save_json, summarize, table
+from benchmarks.harness.runs import run_cmd, run_export, write_jobs
+from benchmarks.harness.sim import SimProcess, create_execution, export_spec, file_url, wait_final
 
 SINGLE = {
     "ceiling": "ceiling: LineChecker (block validator), 1 core, in memory",

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import io
+import mmap
+import subprocess
+import sys
+from array import array
+
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.ndjson import MAX_INVALID_LINE_NUMBERS, LineChecker, LineStats, classify
+from orchestrator.ndjson import (
+    MAX_INVALID_LINE_NUMBERS,
+    LineChecker,
+    LineStats,
+    LineTooLongError,
+    Split,
+    classify,
+    split_chunk,
+)
+from orchestrator.validate_worker import REQUEST, RESPONSE, serve
 from orchestrator.workers import validator_pool
 
 LINES = st.lists(
@@ -161,3 +176,49 @@ async def test_worker_pool_serves_concurrent_downloads_in_order() -> None:
         assert pool.batches > 3
     for k in range(3):
         assert results[k] == reference(payloads[k])
+
+
+def test_split_chunk_says_which_bytes_end_the_held_line_which_are_lines_and_which_are_held() -> None:
+    """The one place that cuts chunks: held-line end, complete lines, incomplete end, in two C calls."""
+    assert split_chunk(b'1}\n{"a":1}\n{"b', holding=True) == Split(2, 3, 11)
+    assert split_chunk(b'{"a":1}\n{"b', holding=False) == Split(-1, 0, 8)
+    assert split_chunk(b"no newline", holding=True) == Split(-1, 0, 0)
+    assert split_chunk(b"end\n", holding=True) == Split(3, 4, 4)
+
+
+def test_worker_checks_requested_slots_in_place() -> None:
+    """The worker loop answers each request with the counts and invalid numbers of its slot alone."""
+    ring = mmap.mmap(-1, 4096)
+    ring[0:16] = b'{"a":1}\n{bad\n  \n'
+    ring[1000:1011] = b"[1]\n[2\n[3]\n"
+    requests = io.BytesIO(REQUEST.pack(0, 16, 7) + REQUEST.pack(1000, 11, 8))
+    answers = io.BytesIO()
+    serve(ring, requests, answers)
+    out = answers.getvalue()
+    first, second = RESPONSE.unpack_from(out, 0), RESPONSE.unpack_from(out, RESPONSE.size + 4)
+    assert first == (7, 0, 3, 1, 1, 1) and out[RESPONSE.size : RESPONSE.size + 4] == array("I", [2]).tobytes()
+    assert second == (8, 1000, 3, 0, 1, 1) and out[-4:] == array("I", [2]).tobytes()
+
+
+def test_the_worker_process_imports_neither_anyio_nor_the_pool() -> None:
+    """A worker process starts light: its module pulls in neither anyio nor orchestrator.workers."""
+    code = (
+        "import sys, orchestrator.validate_worker; print(sorted({'anyio', 'orchestrator.workers'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_a_too_long_end_of_a_chunk_is_numbered_after_the_lines_before_it(workers: int) -> None:
+    """A line over max_line_bytes that starts in the chunk of complete lines before it gets its own number."""
+    data = b'{"a":1}\n' * 3 + b'"' + b"x" * 1500
+    too_long = pytest.raises(LineTooLongError, match=r"line 4 is longer than max_line_bytes=1000")
+    if workers:
+        async with validator_pool(workers) as pool:
+            with too_long:
+                await pool.checker(max_line_bytes=1000).feed(data)
+    else:
+        with too_long:
+            LineChecker(max_line_bytes=1000).feed(data)

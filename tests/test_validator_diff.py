@@ -8,12 +8,15 @@ record. Here per-line orjson (`reference`) judges:
   ``MICS_VALIDATOR_DIFF_FULL=1`` for 1,000,000 (the figure quoted in the report);
 - every 2-line block of strings of up to 3 characters and every 3-line block of up to
   2 characters over ``[]{},:"1`` and space (the join trap lives there: ``[1,`` then ``2]``);
-- any chunking, in process (LineChecker) and through the worker pool (ValidatorPool).
+- any chunking, in process (LineChecker) and through the worker pool (ValidatorPool);
+- the seams of the fast path: depth, BOM, big numbers, bad UTF-8, surrogates, NUL, CRLF,
+  blank lines, a last line without newline, anywhere in blocks of many parts.
 """
 
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import random
 
@@ -22,7 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.ndjson import MAX_INVALID_LINE_NUMBERS, LineChecker, LineStats, _lines_pass, check_block
+from orchestrator.blockcheck import _lines_pass, has_line_over
+from orchestrator.ndjson import MAX_INVALID_LINE_NUMBERS, LineChecker, LineStats, check_block
 from orchestrator.workers import validator_pool
 
 FULL = os.environ.get("MICS_VALIDATOR_DIFF_FULL") == "1"
@@ -253,3 +257,59 @@ def test_one_big_block_split_into_parts() -> None:
     rng = random.Random(99)
     lines = [mutate(rng, line) if i % 40 == 0 else line for i, line in enumerate(rng.choices(BASES, k=60_000))]
     assert fast(lines) == reference(lines)
+
+
+# -- the seams of the fast path (parts, cuts after a failed proof, ranges) -------------------
+SEAMS = [deep(1025), deep(1024), b"\xef\xbb\xbf{}", b"18446744073709551616", b"1" * 400, b"1e400", b"[-1e400]",
+         b'"\xff"', b'"\xed\xa0\x80"', b'"\\ud800"', b'"\\udc00x"', b'"a\x00b"', b"\x00", b"{}\r", b"\r",
+         b"", b"   ", b" \t \r", b"[1", b"2]"]  # fmt: skip
+
+
+@pytest.mark.parametrize("seam", SEAMS)
+def test_a_seam_case_anywhere_in_a_big_block(seam: bytes) -> None:
+    """Each seam case at the start, inside, at a part boundary and at the end of a many-part block: as orjson."""
+    rng = random.Random(len(seam))
+    records = rng.choices(BASES[:3], k=3000)  # ~390 KB: several 64 KiB parts, cut again where a proof fails
+    for where in (0, 1, 700, 1500, 2999):
+        lines = [*records[:where], seam, *records[where:]]
+        assert fast(lines) == reference(lines), where
+
+
+def test_final_line_without_newline() -> None:
+    """A range whose last line lacks its newline (the end of a file) counts that line once, as orjson."""
+    for last in (b"{}", b"[1", b"  ", b"1e400"):
+        lines = [BASES[0]] * 2000 + [last]
+        stats = LineStats()
+        check_block(b"\n".join(lines), stats)
+        assert stats == reference(lines), last
+
+
+def test_a_block_of_only_invalid_and_blank_lines() -> None:
+    """Garbage everywhere (every proof fails, parts are cut down to per-line): the first 100 numbers and all counts."""
+    rng = random.Random(3)
+    lines = [rng.choice([b"{bad", b"[1,]", b"", b" ", b"\xff", b"}{"]) for _ in range(30_000)]
+    assert fast(lines) == reference(lines)
+
+
+def test_check_block_reads_a_range_of_an_mmap() -> None:
+    """The worker's call: a range of an mmap, checked in place, gives the counts of those lines alone."""
+    lines = [BASES[i % len(BASES)] for i in range(5000)] + [b"{bad"]
+    data = b"\n".join(lines) + b"\n"
+    ring = mmap.mmap(-1, len(data) + 200)
+    ring[100 : 100 + len(data)] = data
+    stats = LineStats()
+    check_block(ring, stats, 100, 100 + len(data))
+    assert stats == reference(lines)
+
+
+@given(
+    lines=st.lists(st.integers(min_value=0, max_value=60), max_size=30), limit=st.integers(min_value=1, max_value=50)
+)
+def test_has_line_over_never_misses_a_long_line(lines: list[int], limit: int) -> None:
+    """has_line_over may say yes for nothing, never no when a line is longer than the limit."""
+    data = b"\n".join(b"x" * n for n in lines)
+    if any(n > limit for n in lines):
+        assert has_line_over(data, limit)
+        assert has_line_over(b"y\n" + data + b"\ny", limit, 2, len(data) + 2)  # a range of a buffer
+    elif lines:
+        assert not has_line_over(data, 2 * limit + 1)  # a window of a longer limit always holds a newline
