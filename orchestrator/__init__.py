@@ -12,7 +12,7 @@ from typing import Any
 
 from orchestrator._version import __version__ as __version__
 
-# Public names are loaded on first use (PEP 562), so that `python -m orchestrator.workers`
+# Public names are loaded on first use (PEP 562), so that `python -m orchestrator.validate_worker`
 # (the validation worker processes) imports orjson and nothing heavier.
 _LAZY = {
     "ApiClient": "orchestrator.api",
@@ -32,7 +32,7 @@ _LAZY = {
     "JobError": "orchestrator.errors",
     "JobFile": "orchestrator.config",
     "JobRecord": "orchestrator.manifest",
-    "JobResult": "orchestrator.app",
+    "JobResult": "orchestrator.results",
     "JobStatus": "orchestrator.manifest",
     "LineChecker": "orchestrator.ndjson",
     "LineStats": "orchestrator.ndjson",
@@ -44,13 +44,13 @@ _LAZY = {
     "NotFoundError": "orchestrator.errors",
     "Page": "orchestrator.models",
     "PagingError": "orchestrator.errors",
-    "RetryPolicy": "orchestrator.api",
-    "RunOptions": "orchestrator.app",
-    "RunResult": "orchestrator.app",
+    "RetryPolicy": "orchestrator.retry",
+    "RunOptions": "orchestrator.plan",
+    "RunResult": "orchestrator.results",
     "RunStatus": "orchestrator.manifest",
     "Runner": "orchestrator.scheduler",
-    "Throttle": "orchestrator.api",
-    "Timeouts": "orchestrator.api",
+    "Throttle": "orchestrator.transport",
+    "Timeouts": "orchestrator.transport",
     "TransientApiError": "orchestrator.errors",
     "TransportError": "orchestrator.errors",
     "UsageError": "orchestrator.errors",

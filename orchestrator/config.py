@@ -7,6 +7,11 @@ file, the job and the key, e.g.::
 
 ``{date}`` in ``output_dir`` is the run's UTC date (YYYY-MM-DD). Nothing here does I/O
 beyond reading the file, and nothing talks to the API.
+
+Reading the YAML safely is :mod:`orchestrator.config_yaml`'s; the API's URL and token are
+:mod:`orchestrator.endpoint`'s (re-exported here). Over ~350 lines on purpose: this is the
+job file's one schema, every key with its type, default, bounds and the one-line message
+it fails with; split across modules, a reader would have to assemble the file format.
 """
 
 from __future__ import annotations
@@ -15,14 +20,11 @@ import datetime as dt
 import difflib
 import os
 import re
-import stat
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -34,7 +36,21 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator.errors import ConfigError, MissingTokenError, UsageError
+from orchestrator.config_yaml import MAX_JOB_FILE_BYTES, MAX_YAML_NODES, load_yaml
+from orchestrator.config_yaml import brief as _brief
+from orchestrator.durations import parse_duration
+from orchestrator.endpoint import (
+    API_URL_ENV,
+    DEFAULT_BASE_URL,
+    api_url,
+    check_base_url,
+    read_token,
+    safe_url,
+    url_problem,
+)
+from orchestrator.errors import ConfigError, UsageError
+from orchestrator.retry import DEFAULTS as RETRY_DEFAULTS
+from orchestrator.retry import RetryPolicy
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 """A job name, matched whole (fullmatch: ``$`` would let a trailing newline through)."""
@@ -43,13 +59,6 @@ NAME_MAX_BYTES = 200
 must stay under the 255 bytes most file systems allow in a name."""
 ID_RE = re.compile(r"[0-9]+")
 """The API's ids are strings of ASCII digits; anything else would end up in a URL path."""
-MAX_JOB_FILE_BYTES = 16 << 20
-"""A job file larger than this is refused unread: a real one is kilobytes, and PyYAML parses
-at a few MB/s, so a runaway file (a log written over it) must not stall the run for minutes."""
-MAX_YAML_NODES = 1_000_000
-"""The most values a job file may hold once its aliases are expanded: PyYAML shares an
-aliased value rather than copying it, so a "billion laughs" file is small in memory, but
-anything that walks it (validation, an error message) would visit every expansion."""
 MAX_SECONDS = 10 * 366 * 86_400.0
 """The longest duration (seconds) any setting takes: ten years. Beyond it a value is a typo,
 and date arithmetic on it (``now - reuse_within``) would overflow."""
@@ -57,6 +66,8 @@ MAX_COUNT = 1_000_000
 """The largest count (concurrency, retries, requests in flight) a setting takes."""
 MAX_RECORDS = 10**15
 """The largest record or line count a guard takes: exports hold billions of lines."""
+QUERY_EXPORT_PREFIX = "mics-export:"
+"""The default ``api.query_export_prefix``: exports created for query jobs are named PREFIX + job name."""
 
 
 def _as_id(value: Any) -> Any:
@@ -80,21 +91,6 @@ def _as_id(value: Any) -> Any:
 def _show(value: str, limit: int = 40) -> str:
     """A user's value quoted for a one-line message: escaped, and cut when long."""
     return repr(value if len(value) <= limit else value[:limit] + "...")
-
-
-def _brief(value: Any, limit: int = 60) -> str:
-    """Any YAML value for a message, in bounded time and length.
-
-    ``repr`` will not do: an aliased tree would be expanded whole, and an int of more
-    than 4,300 digits refuses to become a string.
-    """
-    if isinstance(value, str):
-        return _show(value, limit)
-    if isinstance(value, bool | float) or value is None:
-        return repr(value)
-    if isinstance(value, int):
-        return repr(value) if value.bit_length() < 128 else f"a {value.bit_length()}-bit number"
-    return f"a {type(value).__name__}"
 
 
 def _not_bool(value: Any) -> Any:
@@ -125,8 +121,6 @@ Percent = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_not_bool
 
 def _duration(value: Any) -> float:
     """A duration (``90m``, ``6h``, ``1d``, ``5h30m`` or seconds) as seconds."""
-    from orchestrator.guards import parse_duration
-
     seconds = parse_duration(value)
     if seconds > MAX_SECONDS:
         raise ValueError("must be a duration of at most 10 years")
@@ -224,20 +218,25 @@ class Job(Settings):
 
 
 class Retries(_Strict):
-    """How transient API failures (429, 5xx, resets) are retried; seconds."""
+    """How transient API failures (429, 5xx, resets) are retried; seconds. The defaults and
+    the formula are :class:`~orchestrator.retry.RetryPolicy`'s; :meth:`policy` builds one."""
 
-    max_tries: PositiveInt = 8
-    base_s: PositiveFloat = 0.5
-    max_wait_s: PositiveFloat = 30.0
-    max_time_s: PositiveFloat = 600.0
+    max_tries: PositiveInt = RETRY_DEFAULTS.max_tries
+    base_s: PositiveFloat = RETRY_DEFAULTS.base_s
+    max_wait_s: PositiveFloat = RETRY_DEFAULTS.max_wait_s
+    max_time_s: PositiveFloat = RETRY_DEFAULTS.max_time_s
+
+    def policy(self) -> RetryPolicy:
+        """The client's retry policy with these settings (the one place they are copied)."""
+        return RetryPolicy(**self.model_dump())
 
 
 class Api(_Strict):
     """Where the API is, which variable holds the token, and how to talk to it."""
 
-    base_url: str = "https://api.mediarithmics.com"
+    base_url: str = DEFAULT_BASE_URL
     token_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "MICS_API_TOKEN"  # noqa: S105 - a variable name
-    query_export_prefix: Annotated[str, Field(max_length=100)] = "mics-export:"
+    query_export_prefix: Annotated[str, Field(max_length=100)] = QUERY_EXPORT_PREFIX
     """Exports the tool creates for query jobs are named PREFIX + job name."""
     retries: Retries = Retries()
     max_requests_in_flight: PositiveInt = 64
@@ -250,9 +249,9 @@ class Api(_Strict):
     def _base_url(cls, value: str) -> str:
         # Checked even when MICS_API_URL overrides it: a password in a job file is a
         # mistake to report at once (validate included), not when the override goes away.
-        problem = _url_problem(value)
+        problem = url_problem(value)
         if problem is not None:
-            raise ValueError(f"{_safe_url(value)} {problem}")
+            raise ValueError(f"{safe_url(value)} {problem}")
         return value
 
     @field_validator("query_export_prefix")
@@ -287,6 +286,12 @@ class RunSettings(_Strict):
 
 
 _PLACEHOLDER = re.compile(r"\{[^{}]*\}?|\}")
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(text: str) -> bool:
+    """Whether ``text`` starts with ``scheme://``: a bucket URL (or a mistake), never a folder or file."""
+    return _URL_SCHEME.match(text) is not None
 
 
 def output_dir_problem(value: str) -> str | None:
@@ -334,7 +339,7 @@ class JobFile(_Strict):
         """
         template = self.output_template(override)
         resolved = template.replace("{date}", (today or utc_today()).isoformat())
-        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", resolved):
+        if is_url(resolved):
             try:
                 from orchestrator.objstore import parse_location
             except ImportError:
@@ -347,9 +352,7 @@ class JobFile(_Strict):
 
     def base_url(self) -> str:
         """The API URL of the run: ``MICS_API_URL`` if set, else ``api.base_url``; checked."""
-        if os.environ.get("MICS_API_URL"):
-            return check_base_url(os.environ["MICS_API_URL"], "MICS_API_URL")
-        return check_base_url(self.api.base_url, f"{self.path}: api.base_url")
+        return api_url(None, self.api.base_url, f"{self.path}: api.base_url")
 
     def _valid(self, missing: list[str], limit: int = 20) -> str:
         """The valid names for a message: close matches first, at most ``limit`` in all."""
@@ -442,170 +445,17 @@ def utc_today() -> dt.date:
     return dt.datetime.now(dt.UTC).date()
 
 
-def read_token(variable: str = "MICS_API_TOKEN") -> str:
-    """The API token from the environment variable ``variable``; MissingTokenError if unset.
-
-    Leading and trailing whitespace is dropped (a token pasted from a file keeps its
-    newline); any other control character, or a character outside ASCII, is a usage error
-    that never shows the token: it would otherwise go into a header as is.
-    """
-    token = os.environ.get(variable, "").strip()
-    if not token:
-        raise MissingTokenError(variable)
-    from orchestrator.logs import add_secret
-
-    add_secret(token)  # from now on, scrubbed from every line this process prints
-    for position, char in enumerate(token, 1):
-        if ord(char) < 0x20 or ord(char) == 0x7F:
-            raise UsageError(
-                f"the API token in {variable} contains a control character (U+{ord(char):04X} at "
-                f"position {position}): check how it was set"
-            )
-        if ord(char) > 0x7E:
-            raise UsageError(
-                f"the API token in {variable} contains a non-ASCII character (at position {position}): "
-                "check how it was set"
-            )
-    return token
-
-
-_USERINFO = re.compile(r"(?<=//)[^/?#]*@")
-
-
-def _safe_url(url: str) -> str:
-    """``url`` for a message: any ``user:password@`` replaced, escaped, cut when long."""
-    return _show(_USERINFO.sub("***@", url), 80)
-
-
-def _url_problem(url: str) -> str | None:
-    """What is wrong with ``url`` as the API's base URL (never echoing it), or None."""
-    example = "e.g. https://api.mediarithmics.com"
-    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
-        return "contains spaces or control characters"
-    try:
-        parsed = urlsplit(url)
-        port = parsed.port  # raises ValueError when out of range or not a number
-    except ValueError as exc:
-        return f"is not a valid URL ({_USERINFO.sub('***@', str(exc))})"
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        return f"is not an http(s) URL with a host, {example}"
-    if "@" in parsed.netloc:
-        return "must not contain a user name or password (user:password@): the API token is the only credential"
-    if port == 0:
-        return "has port 0, which cannot be connected to"
-    if parsed.query or parsed.fragment or url.endswith(("?", "#")):
-        return f"must not have a query (?...) or fragment (#...), {example}"
-    return None
-
-
-def check_base_url(url: str, source: str = "the API URL") -> str:
-    """``url`` if it is an http(s) URL with a host; otherwise a one-line UsageError.
-
-    Refused as well: credentials in the URL (the token is the only credential, and a
-    password there would end up in logs), a bad port, a query or fragment (request paths
-    are appended to the URL), and control characters or spaces. No message echoes a
-    password.
-    """
-    problem = _url_problem(url)
-    if problem is not None:
-        raise UsageError(f"{source} {_safe_url(url)} {problem}")
-    return url.rstrip("/")
-
-
-class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
-
-    PyYAML keeps the last value silently: ``jobs:`` written twice would drop the first
-    list of jobs without a word.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _value in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *defaults` merges; its keys may be overridden on purpose
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:
-                continue  # an unhashable key: the base class reports it
-            if duplicate:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_brief(key)}", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _check_size(data: Any, file: str) -> None:
-    """Refuse a document that expands (through aliases) to more than MAX_YAML_NODES values.
-
-    The walk stops at the budget, so it costs at most that many steps however large the
-    expansion would be.
-    """
-    budget = MAX_YAML_NODES
-    stack: list[Any] = [data] if isinstance(data, dict | list | tuple | set) else []
-    while stack:
-        item = stack.pop()
-        children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
-        budget -= len(children)
-        if budget < 0:
-            raise ConfigError(
-                f"{file}: invalid YAML: more than {MAX_YAML_NODES:,} values once its aliases are expanded"
-            )
-        stack.extend(c for c in children if isinstance(c, dict | list | tuple | set))
-
-
-def _read(path: str | os.PathLike[str], file: str) -> str:
-    """The job file's text: a regular file, at most MAX_JOB_FILE_BYTES, UTF-8; one line otherwise.
-
-    Opened without blocking, so that a FIFO with no writer is refused rather than waited on.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: no such file") from None
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        kinds = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a pipe", stat.S_IFSOCK: "a socket"}
-        kind = kinds.get(stat.S_IFMT(info.st_mode), "a device")
-        raise ConfigError(f"{file}: cannot read: not a regular file ({kind})")
-    with os.fdopen(fd, "rb") as handle:
-        try:
-            raw = handle.read(MAX_JOB_FILE_BYTES + 1)
-        except OSError as exc:
-            raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from None
-    if len(raw) > MAX_JOB_FILE_BYTES:
-        raise ConfigError(f"{file}: too large for a job file (more than {MAX_JOB_FILE_BYTES >> 20} MiB)")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{file}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): save it as UTF-8"
-        ) from None
-
-
 def load_job_file(path: str | os.PathLike[str]) -> JobFile:
     """Read and validate a job file. Raises ConfigError with one line on any problem."""
     file = str(path)
-    text = _read(path, file)
-    try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{file}: invalid YAML{where}: {' '.join(str(problem).split())}") from None
-    except RecursionError:  # PyYAML builds nested collections recursively
-        raise ConfigError(f"{file}: invalid YAML: nested too deeply") from None
-    except ValueError:  # PyYAML's int() of a number of more than 4,300 digits
-        raise ConfigError(f"{file}: invalid YAML: a number with more than 4,300 digits") from None
-    _check_size(data, file)
-    return parse_job_file(data, file)
+    return parse_job_file(load_yaml(path, file), file)
 
 
 __all__ = [
+    "API_URL_ENV",
+    "MAX_JOB_FILE_BYTES",
+    "MAX_YAML_NODES",
+    "QUERY_EXPORT_PREFIX",
     "Api",
     "Job",
     "JobFile",
@@ -614,7 +464,9 @@ __all__ = [
     "Retries",
     "RunSettings",
     "Settings",
+    "api_url",
     "check_base_url",
+    "is_url",
     "load_job_file",
     "output_dir_problem",
     "parse_job_file",

@@ -135,6 +135,11 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+class _OwnHandler(logging.StreamHandler[Any]):
+    """The handler :func:`setup_logging` installs: its type marks it as ours, so that a second
+    call replaces it and leaves every other handler (a host's, pytest's caplog) in place."""
+
+
 def setup_logging(
     log_format: str = "text",
     verbosity: int = 0,
@@ -145,13 +150,15 @@ def setup_logging(
     """Send logs to stderr. ``verbosity`` 0: INFO, 1: DEBUG, 2+: DEBUG for libraries too.
 
     ``quiet`` (used while a live progress display owns the terminal) raises the level to
-    WARNING unless ``-v`` was given.
+    WARNING unless ``-v`` was given. Only the handler an earlier call installed is replaced:
+    handlers someone else put on the root logger keep receiving records.
     """
-    handler: logging.StreamHandler[Any] = logging.StreamHandler(stream or _CurrentStderr())
+    handler = _OwnHandler(stream or _CurrentStderr())
     handler.setFormatter(JsonFormatter(secrets) if log_format == "json" else TextFormatter(secrets))
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if isinstance(h, _OwnHandler)]:
         root.removeHandler(old)
+        old.close()
     root.addHandler(handler)
     level = logging.DEBUG if verbosity >= 1 else logging.WARNING if quiet else logging.INFO
     logging.getLogger("orchestrator").setLevel(level)

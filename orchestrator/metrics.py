@@ -64,18 +64,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.client import HTTPException
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from prometheus_client import CollectorRegistry, Gauge
-from prometheus_client.exposition import (
-    basic_auth_handler,
-    push_to_gateway,
-    pushadd_to_gateway,
-)
-
 from orchestrator.errors import MicsExportError
+from orchestrator.manifest import JobStatus, RunStatus
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Gauge
 
 __all__ = [
     "DEFAULT_PUSH_JOB",
@@ -94,21 +91,14 @@ PUSHGATEWAY_ENV = "MICS_METRICS_PUSHGATEWAY"
 #: The Pushgateway ``job`` label (grouping key) the runs push under.
 DEFAULT_PUSH_JOB = "mics-export"
 
-#: Every job status of the manifest, in SPEC order; each gets a 0/1 series per job.
-JOB_STATUSES: tuple[str, ...] = (
-    "SUCCEEDED",
-    "FAILED",
-    "TIMED_OUT",
-    "CANCELLED",
-    "PENDING",
-    "RUNNING",
-    "DOWNLOADING",
-)
-#: Every run status of the manifest.
-RUN_STATUSES: tuple[str, ...] = ("SUCCEEDED", "FAILED", "INTERRUPTED", "RUNNING")
+#: Every job status of the manifest (:class:`~orchestrator.manifest.JobStatus`); each gets a
+#: 0/1 series per job.
+JOB_STATUSES: tuple[str, ...] = tuple(status.value for status in JobStatus)
+#: Every run status of the manifest (:class:`~orchestrator.manifest.RunStatus`).
+RUN_STATUSES: tuple[str, ...] = tuple(status.value for status in RunStatus)
 # Final and not a success: what "failed" counts. PENDING/RUNNING/DOWNLOADING jobs of an
 # interrupted run are neither succeeded nor failed.
-_FAILED_JOB_STATUSES = frozenset({"FAILED", "TIMED_OUT", "CANCELLED"})
+_FAILED_JOB_STATUSES = frozenset(s.value for s in JobStatus if s.is_final and s is not JobStatus.SUCCEEDED)
 
 _PREFIX = "mics_export_"
 # Enough of an error body to carry the Pushgateway's reason, not enough to flood a log line.
@@ -163,51 +153,48 @@ def metrics_from_manifest(manifest: Mapping[str, Any], *, now_s: float | None = 
     when the manifest has none yet (status RUNNING). Raises ``ValueError`` on a timestamp
     that is not ISO-8601.
     """
+    # prometheus_client is imported here, not at the top: the CLI reads PUSHGATEWAY_ENV on
+    # every command, and only a run that pushes needs the library (~0.1 s to import).
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry()
-
-    def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
-        return Gauge(_PREFIX + name, doc, labels, registry=registry)
-
-    job_status = gauge(
-        "job_status",
-        "1 for the job's status in the last run, 0 for the others.",
-        ("job_name", "status"),
-    )
-    job_bytes = gauge("job_bytes", "Size of the job's output file in bytes.", ("job_name",))
-    job_records = gauge("job_records", "JSON records in the job's output.", ("job_name",))
-    job_invalid = gauge("job_invalid_lines", "Lines of the job's output that are not valid JSON.", ("job_name",))
-    job_erroneous = gauge(
-        "job_erroneous_tasks",
-        "Platform tasks that failed in the job's execution.",
-        ("job_name",),
-    )
-    job_attempts = gauge("job_attempts", "Executions the job used, across reruns.", ("job_name",))
-    job_duration = gauge(
-        "job_duration_seconds",
-        "Duration of the job in the last run, in seconds.",
-        ("job_name",),
-    )
-    run_status = gauge("run_status", "1 for the last run's status, 0 for the others.", ("status",))
-    run_duration = gauge("run_duration_seconds", "Duration of the last run in seconds.")
-    run_jobs = gauge("run_jobs", "Jobs the last run selected.")
-    run_succeeded = gauge("run_jobs_succeeded", "Jobs of the last run that succeeded.")
-    run_failed = gauge("run_jobs_failed", "Jobs of the last run that failed, timed out or were cancelled.")
-    last_run = gauge("last_run_timestamp_seconds", "Unix time at which the last run finished.")
-
-    started = _timestamp_s(manifest.get("started_at"))
     finished = _timestamp_s(manifest.get("finished_at"))
     end = finished if finished is not None else (time.time() if now_s is None else now_s)
-    status = str(manifest.get("status"))
-
     jobs: list[Mapping[str, Any]] = list(manifest.get("jobs") or [])
+    _job_metrics(registry, jobs, end)
+    _run_metrics(registry, manifest, jobs, end)
+    return registry
+
+
+def _gauge(registry: CollectorRegistry, name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+    from prometheus_client import Gauge
+
+    return Gauge(_PREFIX + name, doc, labels, registry=registry)
+
+
+def _job_metrics(registry: CollectorRegistry, jobs: list[Mapping[str, Any]], end: float) -> None:
+    """The per-job series: one sample per job for every metric (see the module docstring)."""
+    job_status = _gauge(
+        registry, "job_status", "1 for the job's status in the last run, 0 for the others.", ("job_name", "status")
+    )
+    amounts = {
+        key: _gauge(registry, name, doc, ("job_name",))
+        for key, name, doc in (
+            ("bytes", "job_bytes", "Size of the job's output file in bytes."),
+            ("records", "job_records", "JSON records in the job's output."),
+            ("invalid_lines", "job_invalid_lines", "Lines of the job's output that are not valid JSON."),
+            ("erroneous_tasks", "job_erroneous_tasks", "Platform tasks that failed in the job's execution."),
+            ("attempts", "job_attempts", "Executions the job used, across reruns."),
+        )
+    }
+    job_duration = _gauge(
+        registry, "job_duration_seconds", "Duration of the job in the last run, in seconds.", ("job_name",)
+    )
     for job in jobs:
         labels = {"job_name": str(job["name"])}
         _set_enum(job_status, labels, JOB_STATUSES, str(job.get("status")))
-        job_bytes.labels(**labels).set(_amount(job.get("bytes")))
-        job_records.labels(**labels).set(_amount(job.get("records")))
-        job_invalid.labels(**labels).set(_amount(job.get("invalid_lines")))
-        job_erroneous.labels(**labels).set(_amount(job.get("erroneous_tasks")))
-        job_attempts.labels(**labels).set(_amount(job.get("attempts")))
+        for key, gauge in amounts.items():
+            gauge.labels(**labels).set(_amount(job.get(key)))
         job_started = _timestamp_s(job.get("started_at"))
         job_finished = _timestamp_s(job.get("finished_at"))
         if job_started is None:
@@ -217,24 +204,36 @@ def metrics_from_manifest(manifest: Mapping[str, Any], *, now_s: float | None = 
             duration = max(0.0, (job_finished if job_finished is not None else end) - job_started)
         job_duration.labels(**labels).set(duration)
 
+
+def _run_metrics(
+    registry: CollectorRegistry, manifest: Mapping[str, Any], jobs: list[Mapping[str, Any]], end: float
+) -> None:
+    """The run's series; the last success only in the body of a SUCCEEDED run."""
+    status = str(manifest.get("status"))
+    started = _timestamp_s(manifest.get("started_at"))
+    run_status = _gauge(registry, "run_status", "1 for the last run's status, 0 for the others.", ("status",))
     _set_enum(run_status, {}, RUN_STATUSES, status)
-    run_duration.set(0.0 if started is None else max(0.0, end - started))
-    run_jobs.set(len(jobs))
-    run_succeeded.set(sum(1 for job in jobs if job.get("status") == "SUCCEEDED"))
-    run_failed.set(sum(1 for job in jobs if job.get("status") in _FAILED_JOB_STATUSES))
-    last_run.set(end)
-    if status == "SUCCEEDED":
+    _gauge(registry, "run_duration_seconds", "Duration of the last run in seconds.").set(
+        0.0 if started is None else max(0.0, end - started)
+    )
+    _gauge(registry, "run_jobs", "Jobs the last run selected.").set(len(jobs))
+    _gauge(registry, "run_jobs_succeeded", "Jobs of the last run that succeeded.").set(
+        sum(1 for job in jobs if job.get("status") == JobStatus.SUCCEEDED)
+    )
+    _gauge(registry, "run_jobs_failed", "Jobs of the last run that failed, timed out or were cancelled.").set(
+        sum(1 for job in jobs if job.get("status") in _FAILED_JOB_STATUSES)
+    )
+    _gauge(registry, "last_run_timestamp_seconds", "Unix time at which the last run finished.").set(end)
+    if status == RunStatus.SUCCEEDED:
         # Only a success may move it; push_method() keeps the previous value otherwise.
-        gauge(
-            "last_success_timestamp_seconds",
-            "Unix time at which the last successful run finished.",
-        ).set(end)
-    return registry
+        _gauge(registry, "last_success_timestamp_seconds", "Unix time at which the last successful run finished.").set(
+            end
+        )
 
 
 def push_method(manifest: Mapping[str, Any]) -> str:
     """``"PUT"`` for a SUCCEEDED run, ``"POST"`` otherwise (why: the module docstring)."""
-    return "PUT" if manifest.get("status") == "SUCCEEDED" else "POST"
+    return "PUT" if manifest.get("status") == RunStatus.SUCCEEDED else "POST"
 
 
 @dataclass(frozen=True)
@@ -307,17 +306,9 @@ def push_run_metrics(
         # crash: the CLI warns about it like about an unreachable gateway.
         raise MetricsPushError(f"could not build metrics from the manifest: {exc!r}") from exc
     method = push_method(manifest)
+    from prometheus_client.exposition import push_to_gateway, pushadd_to_gateway
+
     push = push_to_gateway if method == "PUT" else pushadd_to_gateway
-
-    def handler(
-        url: str,
-        method: str,
-        timeout: float | None,
-        headers: list[tuple[str, str]],
-        data: bytes,
-    ) -> Callable[[], None]:
-        return basic_auth_handler(url, method, timeout, headers, data, gateway.username, gateway.password)
-
     try:
         push(
             gateway.url,
@@ -325,7 +316,7 @@ def push_run_metrics(
             registry=registry,
             grouping_key=dict(grouping_key or {}),
             timeout=timeout_s,
-            handler=handler,  # without credentials it does exactly what the default does
+            handler=_auth_handler(gateway),  # without credentials it does exactly what the default does
         )
     # OSError covers URLError, HTTPError, timeouts and the "error talking to pushgateway"
     # that prometheus_client raises itself; HTTPException a reply that is not HTTP at all
@@ -337,6 +328,20 @@ def push_run_metrics(
         raise MetricsPushError(
             f"could not push metrics to the Pushgateway at {gateway.url} ({method}): {reason}"
         ) from exc
+
+
+def _auth_handler(
+    gateway: _Gateway,
+) -> Callable[[str, str, float | None, list[tuple[str, str]], bytes], Callable[[], None]]:
+    """A prometheus_client push handler sending the gateway's basic-auth credentials (if any)."""
+    from prometheus_client.exposition import basic_auth_handler
+
+    def handler(
+        url: str, method: str, timeout: float | None, headers: list[tuple[str, str]], data: bytes
+    ) -> Callable[[], None]:
+        return basic_auth_handler(url, method, timeout, headers, data, gateway.username, gateway.password)
+
+    return handler
 
 
 def _describe(exc: BaseException) -> str:

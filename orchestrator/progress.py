@@ -302,6 +302,14 @@ def summary_lines(manifest: Manifest, names: Iterable[str], width: int | None) -
                 lines += [Text(_INDENT) + line for line in _pack(items, max(1, width - len(_INDENT)))]
         if note:
             lines += _wrap(_INDENT + "note: ", note, width, _INDENT * 4)
+    lines += _total_lines(manifest, names, width)
+    for line in lines:
+        line.rstrip()  # empty figures at the end of a row leave no trailing blanks
+    return lines
+
+
+def _total_lines(manifest: Manifest, names: list[str], width: int | None) -> list[Text]:
+    """The summary's last line(s): the run's totals, packed into ``width`` cells."""
     totals = run_totals(manifest, names)
     items = [Text(f"total: {totals.jobs} job(s)")]
     items += [Text(f"{n} {s}", style=_STYLE[JobStatus(s)]) for s, n in totals.counts.items()]
@@ -309,10 +317,7 @@ def summary_lines(manifest: Manifest, names: Iterable[str], width: int | None) -
     items += [Text(f"{totals.invalid_lines} invalid lines")] if totals.invalid_lines else []
     items += [Text(f"{totals.erroneous_tasks} erroneous tasks")] if totals.erroneous_tasks else []
     items += [Text(f"took {format_duration(totals.duration_s)}")] if totals.duration_s is not None else []
-    lines += _pack(items, width)
-    for line in lines:
-        line.rstrip()  # empty figures at the end of a row leave no trailing blanks
-    return lines
+    return _pack(items, width)
 
 
 def print_summary(manifest: Manifest, names: Iterable[str], console: Console) -> None:

@@ -229,27 +229,8 @@ async def prune_bucket(
             prefix = child.rstrip("/")
             if date >= cutoff or here.startswith(prefix + "/"):
                 continue
-            keys = [meta["path"] async for batch in obstore.list(store, prefix + "/") for meta in batch]
-            # The run's own lock, and a shard's (PREFIX/shard-I-of-N/.lock): any live one keeps it.
-            locked = [k[: -len("/" + objstore.LOCK_NAME)] for k in keys if k.endswith("/" + objstore.LOCK_NAME)]
-            if any([await objstore.lock_alive(store, where) for where in locked]):
-                log.warning(
-                    "old run prefix %s is in use by another mics-export run: kept",
-                    prefix,
-                    extra={"event": "retention_in_use", "path": prefix},
-                )
-                continue
-            for key in keys:
-                await objstore.delete(store, key)
-            deleted.append(prefix)
-            log.info(
-                "deleted run prefix %s (%s: more than %d day(s) old, %d object(s))",
-                prefix,
-                date.isoformat(),
-                keep_days,
-                len(keys),
-                extra={"event": "run_folder_deleted", "path": prefix},
-            )
+            if await _delete_prefix(store, prefix, date, keep_days):
+                deleted.append(prefix)
     except Exception as exc:  # a listing or a delete refused: the exports are done all the same
         log.warning(
             "could not delete old run prefixes under %s: %s",
@@ -258,3 +239,33 @@ async def prune_bucket(
             extra={"event": "retention_failed"},
         )
     return deleted
+
+
+async def _delete_prefix(store: ObjectStore, prefix: str, date: dt.date, keep_days: int) -> bool:
+    """Delete every object under an old run ``prefix`` unless a live lock in it says a run
+    (or a shard) still uses it; False when it is kept. Errors go up to :func:`prune_bucket`."""
+    import obstore
+
+    from orchestrator import objstore
+
+    keys = [meta["path"] async for batch in obstore.list(store, prefix + "/") for meta in batch]
+    # The run's own lock, and a shard's (PREFIX/shard-I-of-N/.lock): any live one keeps it.
+    locked = [k[: -len("/" + objstore.LOCK_NAME)] for k in keys if k.endswith("/" + objstore.LOCK_NAME)]
+    if any([await objstore.lock_alive(store, where) for where in locked]):
+        log.warning(
+            "old run prefix %s is in use by another mics-export run: kept",
+            prefix,
+            extra={"event": "retention_in_use", "path": prefix},
+        )
+        return False
+    for key in keys:
+        await objstore.delete(store, key)
+    log.info(
+        "deleted run prefix %s (%s: more than %d day(s) old, %d object(s))",
+        prefix,
+        date.isoformat(),
+        keep_days,
+        len(keys),
+        extra={"event": "run_folder_deleted", "path": prefix},
+    )
+    return True

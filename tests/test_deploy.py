@@ -21,6 +21,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from orchestrator.config import parse_job_file
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -303,8 +305,7 @@ def test_configmap_holds_a_version_1_job_file() -> None:
 
 def test_configmap_job_file_passes_the_tools_own_validation() -> None:
     """The sample job file loads with the same parser `mics-export validate` uses."""
-    config = pytest.importorskip("orchestrator.config")
-    parsed = config.parse_job_file(job_file(), "deploy/k8s/configmap.yaml")
+    parsed = parse_job_file(job_file(), "deploy/k8s/configmap.yaml")
     assert [job.name for job in parsed.jobs] == [job["name"] for job in job_file()["jobs"]]
 
 
@@ -384,10 +385,7 @@ def test_final_stage_runtime_settings() -> None:
     """Numeric non-root USER, WORKDIR /data, JSON logs, unbuffered, exec-form entrypoint."""
     final = final_stage()
     [user] = [rest for keyword, rest in final if keyword == "USER"]
-    uid, _, gid = user.partition(":")
-    assert uid.isdigit()
-    assert int(uid) == UID
-    assert gid == "" or int(gid) == UID
+    assert user == f"{UID}:{UID}"  # a numeric user and group: runAsNonRoot can check it
     assert [rest for keyword, rest in final if keyword == "WORKDIR"] == ["/data"]
     env: dict[str, str] = {}
     for keyword, rest in final:
@@ -405,9 +403,16 @@ def test_final_stage_runtime_settings() -> None:
 
 
 def test_entrypoint_is_the_console_script() -> None:
-    """ENTRYPOINT names the console script pyproject.toml installs."""
+    """The Dockerfile's ENTRYPOINT is exactly a console script pyproject.toml installs, and that
+    script is the CLI's main function (a renamed script or entry point breaks the image)."""
+    import importlib
+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert "mics-export" in project["scripts"]
+    [entrypoint] = [rest for keyword, rest in final_stage() if keyword == "ENTRYPOINT"]
+    [script] = json.loads(entrypoint)
+    assert script in project["scripts"], f"ENTRYPOINT {script!r} is not a script of pyproject.toml"
+    module, _, function = project["scripts"][script].partition(":")
+    assert module == "orchestrator.cli" and callable(getattr(importlib.import_module(module), function))
 
 
 def test_builder_copies_what_the_build_needs() -> None:

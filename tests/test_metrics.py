@@ -478,16 +478,24 @@ def test_push_method_and_grouping_key() -> None:
     assert shard_grouping_key((3, 8)) == {"shard": "3"}
 
 
-def test_environment_variable_name() -> None:
-    """The CLI and the Kubernetes manifests agree on this name."""
-    assert PUSHGATEWAY_ENV == "MICS_METRICS_PUSHGATEWAY"
+def test_run_reads_the_gateway_from_the_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run --metrics-pushgateway` defaults to $PUSHGATEWAY_ENV, the name the Kubernetes manifests set."""
+    from orchestrator.cli_run import run
+
+    monkeypatch.setenv(PUSHGATEWAY_ENV, "gateway.example:9091")
+    ctx = run.make_context("run", ["jobs.yaml"])
+    assert ctx.params["metrics_pushgateway"] == "gateway.example:9091"
 
 
-def test_status_lists_match_the_manifest_model() -> None:
-    """JOB_STATUSES / RUN_STATUSES cover every status the manifest can hold, and no more."""
-    model = pytest.importorskip("orchestrator.manifest")
-    assert set(JOB_STATUSES) == {status.value for status in model.JobStatus}
-    assert set(RUN_STATUSES) == {status.value for status in model.RunStatus}
+def test_every_manifest_status_gets_a_series() -> None:
+    """A job and the run have one 0/1 series for every status the manifest model defines."""
+    from orchestrator.manifest import JobStatus, RunStatus
+
+    samples = registry_samples(failed_run())
+    job = {dict(labels)["status"] for (m, labels), _ in samples.items() if m == "mics_export_job_status"}
+    run = {dict(labels)["status"] for (m, labels), _ in samples.items() if m == "mics_export_run_status"}
+    assert job == {s.value for s in JobStatus} and set(JOB_STATUSES) == job
+    assert run == {s.value for s in RunStatus} and set(RUN_STATUSES) == run
 
 
 # --- the whole run ---------------------------------------------------------------------------

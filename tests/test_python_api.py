@@ -19,14 +19,14 @@ from typing import Any
 import anyio
 import pytest
 import yaml
+from conftest import TOKEN, fast_spec, sim_config
+from support import assert_exact, jobs_by_name, manifest, write_jobs
 
 import orchestrator
 from orchestrator import ConfigError, JobResult, JobStatus, MissingTokenError, RunResult, RunStatus, UsageError
 from orchestrator.config import parse_job_file
 from orchestrator.sharding import shard_of
 from orchestrator.simulator import ExportSpec, SimulatorThread
-from tests.conftest import TOKEN, fast_spec, sim_config
-from tests.support import assert_exact, jobs_by_name, manifest, write_jobs
 
 TOKEN_ENV = "PYAPI_TEST_TOKEN"
 

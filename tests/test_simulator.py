@@ -175,7 +175,7 @@ RESULT_FILES = [
 def test_result_file_counts_match_an_independent_recount(rf: ResultFile) -> None:
     """A result file's announced size, lines, records, invalid lines and sha256 are what its bytes hold."""
     data = rf.read_all()
-    counted = recount(data) if data else {"lines": 0, "records": 0, "invalid": []}
+    counted: dict[str, Any] = recount(data) if data else {"lines": 0, "records": 0, "invalid": []}
     assert rf.size == len(data)
     assert rf.lines == counted["lines"]
     assert rf.records == counted["records"]
@@ -686,7 +686,7 @@ async def test_cancel_execution(session: aiohttp.ClientSession) -> None:
 
 # -- result files -----------------------------------------------------------------------------
 async def succeeded(http: Http, export_id: str) -> str:
-    exe_id = (await http.new_execution(export_id))["id"]
+    exe_id: str = (await http.new_execution(export_id))["id"]
     done = await http.wait_final(export_id, exe_id)
     assert done["status"] == "SUCCEEDED"
     return exe_id

@@ -18,7 +18,7 @@ from types import TracebackType
 
 from aiohttp import web
 
-from orchestrator.simulator.app import STATE, SimExecution, SimState, SimStats, create_app
+from orchestrator.simulator.app import STATE, create_app
 from orchestrator.simulator.config import (
     DEFAULT_TOKEN,
     ExportSpec,
@@ -27,6 +27,7 @@ from orchestrator.simulator.config import (
     demo_config,
 )
 from orchestrator.simulator.data import ResultFile
+from orchestrator.simulator.state import SimExecution, SimState, SimStats
 
 
 class Simulator:
