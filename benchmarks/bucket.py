@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -28,25 +27,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import (
-    GiB,
-    MiB,
-    ProcSampler,
-    SimProcess,
-    export_spec,
-    fmt_size,
-    parse_size,
-    print_footer,
-    print_header,
-    run_cmd,
-    save_json,
-    summarize,
-    table,
-    work_dir,
-    write_jobs,
-)
+from benchmarks.harness import events
+from benchmarks.harness.base import GiB, MiB, base_parser, fmt_size, parse_size, work_dir
+from benchmarks.harness.report import print_footer, print_header, save_json, summarize, table
+from benchmarks.harness.runs import run_cmd, write_jobs
+from benchmarks.harness.sampler import ProcSampler
+from benchmarks.harness.sim import SimProcess, export_spec
 
 _MOTO = """
 import sys
@@ -57,7 +45,6 @@ print(server.get_host_and_port()[1], flush=True)
 sys.stdin.read()
 server.stop()
 """
-_SUCCEEDED = re.compile(r"SUCCEEDED: (\d+) records, (\d+) bytes in ([\d.]+)s \(([\d.]+) MB/s\)")
 
 
 def start_moto() -> tuple[subprocess.Popen[str], dict[str, str]]:
@@ -89,13 +76,10 @@ def one_run(jobs: Path, env: dict[str, str], output: str) -> dict[str, Any]:
     sampler.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"run into {output} failed (exit {proc.returncode}):\n{log[-3000:]}")
-    speeds = [float(m.group(4)) for m in _SUCCEEDED.finditer(log)]
-    return {"mb_s": speeds[0], "wall_s": wall, "peak_rss": sampler.peak}
+    return {"mb_s": events.succeeded(log)[0].mb_s, "wall_s": wall, "peak_rss": sampler.peak}
 
 
 def main() -> None:
-    from _common import base_parser
-
     parser = base_parser(__doc__ or "")
     parser.add_argument("--size", type=parse_size, default=GiB)
     args = parser.parse_args()

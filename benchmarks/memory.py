@@ -22,26 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import (
-    GiB,
-    MiB,
-    SimProcess,
-    alternate,
-    base_parser,
-    export_spec,
-    fmt_size,
-    parse_size,
-    print_footer,
-    print_header,
-    run_export,
-    save_json,
-    summarize,
-    table,
-    work_dir,
-    write_jobs,
-)
+from benchmarks.harness.base import GiB, MiB, alternate, base_parser, fmt_size, parse_size, work_dir
+from benchmarks.harness.report import print_footer, print_header, save_json, summarize, table
+from benchmarks.harness.runs import run_export, write_jobs
+from benchmarks.harness.sim import SimProcess, export_spec
 
 
 def main() -> None:
@@ -62,14 +48,16 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 3)
     meta = print_header(f"memory: peak RSS summed over the run's processes, {args.shape} records")
     print(f"repeats: {repeats} per variant, alternating; sampled every {args.interval * 1000:.0f} ms\n")
-    exports = [export_spec(f"e{size}", size, args.shape) for size in sizes]
+    # Job files accept digit-only export ids: 1000 + the size's index.
+    ids = {size: str(1000 + i) for i, size in enumerate(sizes)}
+    exports = [export_spec(ids[size], size, args.shape) for size in sizes]
     variants = [(size, w) for size in sizes for w in ("default", "0")]
     runs: dict[str, list[dict[str, Any]]] = {f"{s}/{w}": [] for s, w in variants}
     with work_dir(args.out_dir) as d, SimProcess(exports, d) as sim:
-        sim.warm(f"e{sizes[0]}")
+        sim.warm(ids[sizes[0]])
         env = sim.env()
         jobs = {
-            size: write_jobs(d, [{"name": f"x{size}", "export_id": f"e{size}"}], name=f"{size}.yaml") for size in sizes
+            size: write_jobs(d, [{"name": f"x{size}", "export_id": ids[size]}], name=f"{size}.yaml") for size in sizes
         }
         for rep, key in alternate(list(runs), repeats):
             size_s, w = key.split("/")
@@ -149,7 +137,7 @@ def main() -> None:
     trows = []
     for w in ("default", "0"):
         top = summarize(col(f"{biggest}/{w}", "peak_rss"))
-        base = summarize(col(f"{sizes[0]}/{w}", "peak_rss"))
+        smallest = summarize(col(f"{sizes[0]}/{w}", "peak_rss"))
         label = "default workers" if w == "default" else "--workers 0"
         if biggest >= 4 * GiB:
             trows.append(
@@ -159,7 +147,7 @@ def main() -> None:
                     "met" if top.hi <= 150 else "MISSED",
                 )
             )
-        growth = top.median - base.median
+        growth = top.median - smallest.median
         trows.append(
             (
                 f"{label}: {fmt_size(sizes[0])} vs {fmt_size(biggest)} within 20 MiB",

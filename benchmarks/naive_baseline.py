@@ -27,28 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import (
-    PYTHON,
-    TOKEN,
-    MiB,
-    SimProcess,
-    alternate,
-    base_parser,
-    export_spec,
-    fmt_size,
-    parse_size,
-    print_footer,
-    print_header,
-    ratio,
-    run_export,
-    save_json,
-    summarize,
-    table,
-    work_dir,
-    write_jobs,
-)
+from benchmarks.harness.base import PYTHON, MiB, alternate, base_parser, fmt_size, parse_size, work_dir
+from benchmarks.harness.report import print_footer, print_header, ratio, save_json, summarize, table
+from benchmarks.harness.runs import run_export, write_jobs
+from benchmarks.harness.sim import TOKEN, SimProcess, export_spec
 
 
 # -- the naive client (what people write) ------------------------------------------------
@@ -112,18 +96,19 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 3)
     meta = print_header(f"naive baseline: requests + iter_lines + json.loads vs mics-export run ({fmt_size(size)})")
     print(f"repeats: {repeats} per variant, alternating\n")
-    exports = [export_spec("s", size, "small"), export_spec("b", size, "big")]
-    exports += [export_spec(f"m{i}", msize, "small", pending_s=0.5, running_s=1.5) for i in range(4)]
+    # Job files accept digit-only export ids: 1 small, 2 big, 11-14 the concurrent ones.
+    exports = [export_spec("1", size, "small"), export_spec("2", size, "big")]
+    exports += [export_spec(f"1{i + 1}", msize, "small", pending_s=0.5, running_s=1.5) for i in range(4)]
     workloads = {
-        "small": (["s"], f"one {fmt_size(size)} export, small records"),
-        "big": (["b"], f"one {fmt_size(size)} export, big records"),
-        "multi": ([f"m{i}" for i in range(4)], f"4 × {fmt_size(msize)} small, 2 s lifecycles"),
+        "small": (["1"], f"one {fmt_size(size)} export, small records"),
+        "big": (["2"], f"one {fmt_size(size)} export, big records"),
+        "multi": ([f"1{i + 1}" for i in range(4)], f"4 × {fmt_size(msize)} small, 2 s lifecycles"),
     }
     variants = ["naive", "run_default", "run_w0"]
     results: dict[str, Any] = {"machine": meta, "size": size, "multi_size": msize, "repeats": repeats, "workloads": {}}
     with work_dir(args.out_dir) as d, SimProcess(exports, d) as sim:
-        sim.warm("s")
-        sim.warm("b")
+        sim.warm("1")
+        sim.warm("2")
         env = sim.env()
         for name, (ids, label) in workloads.items():
             jobs = write_jobs(

@@ -20,13 +20,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from _common import PLOTS, ROOT, MiB, fmt_size, load_json
+
+from benchmarks.harness.base import PLOTS, ROOT, MiB, fmt_size
+from benchmarks.harness.report import load_json
 
 
 def _med_err(values: list[float]) -> tuple[float, float, float]:
@@ -34,7 +36,11 @@ def _med_err(values: list[float]) -> tuple[float, float, float]:
     return m, m - min(values), max(values) - m
 
 
-def _size_series(mem: dict[str, Any], field: str, workers: str, scale: float = 1.0) -> tuple[list[int], list[tuple]]:
+Point = tuple[float, float, float]
+"""median, distance down to the min, distance up to the max (an error bar)"""
+
+
+def _size_series(mem: dict[str, Any], field: str, workers: str, scale: float = 1.0) -> tuple[list[int], list[Point]]:
     sizes = mem["sizes"]
     out = []
     for size in sizes:
@@ -123,7 +129,7 @@ def rss_vs_size(mem: dict[str, Any], path: Path) -> None:
 
 
 def throughput_variants(thr: dict[str, Any], path: Path) -> None:
-    from throughput import CONCURRENT, SINGLE
+    from benchmarks.throughput import CONCURRENT, SINGLE
 
     labels = {**SINGLE, **CONCURRENT}
     shapes = list(thr["shapes"])

@@ -30,23 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import (
-    TOKEN,
-    alternate,
-    api,
-    base_parser,
-    cli_env,
-    print_footer,
-    print_header,
-    run_export,
-    save_json,
-    summarize,
-    table,
-    work_dir,
-    write_jobs,
-)
+from benchmarks.harness.base import alternate, base_parser, work_dir
+from benchmarks.harness.report import print_footer, print_header, save_json, summarize, table
+from benchmarks.harness.runs import run_export, write_jobs
+from benchmarks.harness.sim import TOKEN, api, cli_env
 
 SCALE = 0.01
 TOTAL_S = 300.0
@@ -136,7 +125,7 @@ def main() -> None:
     }
     for v in variants:
         polls = [t["polls"] for t in trials[v]]
-        late = [t["late_s"] for t in trials[v] if t["late_s"] is not None]
+        lates = [t["late_s"] for t in trials[v] if t["late_s"] is not None]
         rows.append(
             (
                 labels[v],
@@ -145,7 +134,7 @@ def main() -> None:
                 f"{statistics.median(polls):g}",
                 f"{min(polls)}–{max(polls)}",
                 f"{statistics.mean(t['requests'] for t in trials[v]):.1f}",
-                summarize(late).fmt(1) if late else "",
+                summarize(lates).fmt(1) if lates else "",
             )
         )
     print(
