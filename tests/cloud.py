@@ -18,7 +18,9 @@ they register under the names ``s3``, ``azure``, ``moto_server`` and ``azurite``
   (Shared Key signed) for what obstore does not expose (container creation, block lists).
 
 Servers are started once per session (moto ~1 s, azurite ~1 s) and stopped at its end; they
-die with their parent too (moto reads stdin until EOF, azurite is killed at teardown).
+die with their parent too (moto reads stdin until EOF, azurite is killed at teardown). Under
+pytest-xdist each worker is a session with its own servers, on ports the OS picks (port 0),
+and its own temporary folders: nothing is shared between workers but the machine.
 """
 
 from __future__ import annotations

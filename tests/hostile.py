@@ -189,6 +189,7 @@ class HostileServer:
         self._server: asyncio.Server | None = None
         self._session: aiohttp.ClientSession | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
 
     @property
@@ -205,6 +206,11 @@ class HostileServer:
             self._server.close()
             for writer in list(self._writers):
                 writer.transport.abort()
+            # A handler may still be waiting (a hang, a trickle): end it here, not as a
+            # "Task was destroyed but it is pending" when the thread's loop closes.
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
         if self._session is not None:
@@ -220,6 +226,9 @@ class HostileServer:
             return Reply(resp.status, list(resp.headers.items()), body)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         self._writers.add(writer)
         try:
             while True:
@@ -239,6 +248,8 @@ class HostileServer:
             return
         finally:
             self._writers.discard(writer)
+            if task is not None:
+                self._tasks.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from support import TOKEN, cli_env, jobs_by_name, manifest, run_cli, write_jobs
+from support import TOKEN, cli_env, cli_in_process, jobs_by_name, manifest, run_cli, write_jobs
 
 from orchestrator.config import NAME_MAX_BYTES, check_base_url, load_job_file, parse_job_file, read_token
 from orchestrator.errors import ConfigError, UsageError
@@ -101,7 +101,9 @@ def test_an_output_dir_with_a_nul_is_a_config_error() -> None:
 def test_yaml_nested_too_deeply_is_a_config_error(tmp_path: Path) -> None:
     """A pathological job file (deep nesting overflows PyYAML's recursion) is one config error, not a crash."""
     path = tmp_path / "j.yaml"
-    path.write_text("[" * 1500 + "]" * 1500)  # beyond Python's default recursion limit of 1000
+    # PyYAML recurses at least 2 frames a level: 600 levels pass the default recursion limit of
+    # 1000 from any depth (more only costs time: its scanner is quadratic in the nesting).
+    path.write_text("[" * 600 + "]" * 600)
     with pytest.raises(ConfigError, match="nested too deeply"):
         load_job_file(path)
 
@@ -157,7 +159,9 @@ def test_a_password_in_the_job_files_api_url_is_a_config_error() -> None:
     assert "hunter2pw" not in str(caught.value)
 
 
-# -- the command line, end to end: exit 2, one line, not one request ---------------------------
+# -- the command line: exit 2, one line, not one request ----------------------------------------
+# The CLI's main() in process (support.cli_in_process: the same code, exit code and stderr); the
+# credentials case and the unexpected errors below run it as a real subprocess.
 @pytest.fixture
 def sim() -> Iterator[SimulatorThread]:
     """A simulator that would serve export 1 (and any request: the tests count them)."""
@@ -201,7 +205,7 @@ def test_bad_job_files_send_nothing(
     """Each bad job file: exit 2, one line naming the file, job and key, not one request (the token is never sent)."""
     path = _raw_jobs(tmp_path, job, **top)
     env = cli_env(sim.url) if "api" not in top else cli_env()
-    line = _refused(run_cli("run", str(path), env=env), sim, str(path), *names)
+    line = _refused(cli_in_process("run", str(path), env=env), sim, str(path), *names)
     assert "hunter2pw" not in line
     assert not (tmp_path / "out").exists()  # not even the output folder
 
@@ -209,14 +213,15 @@ def test_bad_job_files_send_nothing(
 def test_validate_refuses_the_same_files(tmp_path: Path, sim: SimulatorThread) -> None:
     """`validate` catches a non-digit id too: names are checked before any execution could be created."""
     path = _raw_jobs(tmp_path, {"name": "a", "export_id": "1/../2"})
-    _refused(run_cli("validate", str(path), env=cli_env(sim.url)), sim, "export_id")
+    _refused(cli_in_process("validate", str(path), env=cli_env(sim.url)), sim, "export_id")
 
 
 @pytest.mark.parametrize("bad", ["\x1b", "\x7f", "\t", "\x01"])
 def test_a_token_with_control_characters_sends_nothing(tmp_path: Path, sim: SimulatorThread, bad: str) -> None:
     """A token holding a control character: exit 2, one line naming the variable, the token not shown, nothing sent."""
     path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
-    line = _refused(run_cli("run", str(path), env=cli_env(sim.url, token=f"tok{bad}SECRET")), sim, "MICS_API_TOKEN")
+    proc = cli_in_process("run", str(path), env=cli_env(sim.url, token=f"tok{bad}SECRET"))
+    line = _refused(proc, sim, "MICS_API_TOKEN")
     assert "SECRET" not in line
 
 
@@ -246,13 +251,14 @@ def test_credentials_in_the_api_url_send_nothing(tmp_path: Path, sim: SimulatorT
 )
 def test_ops_commands_refuse_ids_that_are_not_digits(sim: SimulatorThread, args: list[str]) -> None:
     """An ops command's id argument that is not digits: exit 2, one line, nothing sent."""
-    _refused(run_cli(*args, env=cli_env(sim.url)), sim, "digits only")
+    _refused(cli_in_process(*args, env=cli_env(sim.url)), sim, "digits only")
 
 
 def test_an_absurd_workers_count_is_refused(tmp_path: Path, sim: SimulatorThread) -> None:
     """--workers beyond 4x the CPUs is refused with one line saying the limit, before anything starts."""
     path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
-    line = _refused(run_cli("run", str(path), "--workers", "100000", env=cli_env(sim.url)), sim, "--workers 100000")
+    proc = cli_in_process("run", str(path), "--workers", "100000", env=cli_env(sim.url))
+    line = _refused(proc, sim, "--workers 100000")
     assert "at most" in line
 
 

@@ -6,8 +6,9 @@ API before validation passes; no secret (the API token, cloud credentials, a SAS
 reaches stderr, the manifest or the output folder at any verbosity; nothing outside the
 output folder is written through a planted symlink; a planted FIFO never blocks a run.
 
-Most cases run in process (``parse_job_file`` / ``load_job_file``: milliseconds); a few go
-through the real CLI, against a simulator that counts the requests it saw.
+Most cases run in process (``parse_job_file`` / ``load_job_file``: milliseconds); the command
+line's cases run the CLI's ``main()`` in process too (``support.cli_in_process``), against a
+simulator that counts the requests it saw; the two whole runs at -vv are real subprocesses.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import yaml
 from cloud import S3Bucket, moto_server_fixture, s3_fixture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import TOKEN, cli_env, manifest, run_cli, write_jobs
+from support import TOKEN, cli_env, cli_in_process, manifest, run_cli, write_jobs
 
 from orchestrator import config as config_module
+from orchestrator import config_yaml
 from orchestrator.config import JobFile, load_job_file, parse_job_file
 from orchestrator.errors import ConfigError, UsageError
 from orchestrator.logs import TextFormatter, printable
@@ -175,7 +177,9 @@ HOSTILE_FILES: dict[str, tuple[str | bytes, str]] = {
         "version: 1\njobs: [{name: 0x" + "f" * 5000 + ", export_id: 1}]\n",
         "job a 20000-bit number",
     ),
-    "nested too deeply": ("version: 1\njobs: " + "[" * 3000 + "]" * 3000, "nested too deeply"),
+    # PyYAML recurses at least 2 frames a level: 600 levels pass the default limit of 1000 from
+    # any depth, at a fraction of the cost of more (its scanner is quadratic in the nesting).
+    "nested too deeply": ("version: 1\njobs: " + "[" * 600 + "]" * 600, "nested too deeply"),
     "placeholder typo": ("version: 1\nrun: {output_dir: 'out/{dat}'}\njobs: [{name: a, export_id: 1}]\n", "'{dat}'"),
     "unclosed placeholder": (
         "version: 1\nrun: {output_dir: 'out/{date'}\njobs: [{name: a, export_id: 1}]\n",
@@ -196,9 +200,17 @@ HOSTILE_FILES: dict[str, tuple[str | bytes, str]] = {
 }
 
 
+def _smaller_alias_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same walk over a 9**9 alias bomb, stopped at 10,000 values instead of 1,000,000 (~2 s loaded):
+    "alias bomb as a name" below proves the real budget, the other cases what follows from the refusal."""
+    monkeypatch.setattr(config_yaml, "MAX_YAML_NODES", 10_000)
+
+
 @pytest.mark.parametrize("case", list(HOSTILE_FILES))
-def test_hostile_job_files_are_one_line(tmp_path: Path, case: str) -> None:
+def test_hostile_job_files_are_one_line(tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Alias bombs, python tags, duplicate keys, bad encodings, giant numbers, typos: one error line naming it."""
+    if case == "alias bomb as jobs":
+        _smaller_alias_budget(monkeypatch)
     content, says = HOSTILE_FILES[case]
     path = tmp_path / "j.yaml"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -341,7 +353,7 @@ def test_status_of_a_hostile_manifest_prints_no_escape_sequence(tmp_path: Path, 
         run_id="r" + evil,
         jobs=[{"name": "n" + evil, "export_id": "1", "status": "FAILED", "attempts": 1, "error": "e" + evil}],
     )
-    proc = run_cli("status", str(tmp_path), "--format", fmt, env=cli_env(token=None))
+    proc = cli_in_process("status", str(tmp_path), "--format", fmt, env=cli_env(token=None))
     assert proc.returncode == 1, proc.stderr
     for char in ("\x1b", "\x07", "\u202e", "\x9b"):
         assert char not in proc.stdout, (char, proc.stdout)
@@ -352,7 +364,7 @@ def test_status_on_a_file_that_is_not_a_manifest(tmp_path: Path) -> None:
     """`status` given a job file or random bytes: exit 2, one line saying it is not a manifest."""
     path = tmp_path / "jobs.yaml"
     path.write_text("version: 1\n")
-    proc = run_cli("status", str(path), env=cli_env(token=None))
+    proc = cli_in_process("status", str(path), env=cli_env(token=None))
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "not a valid manifest" in proc.stderr
 
 
@@ -410,14 +422,17 @@ def test_bad_arguments_are_one_line_and_send_nothing(
     jobs = write_jobs(tmp_path, [GOOD_JOB])
     (tmp_path / "a-file").write_text("in the way\n")
     argv = [a.replace("{jobs}", str(jobs)).replace("{tmp}", str(tmp_path)) for a in args]
-    proc = run_cli(*argv, env=cli_env(sim.url))
+    proc = cli_in_process(*argv, env=cli_env(sim.url))
     _refused(proc, sim, says)
     assert "hunter2secret" not in proc.stderr
 
 
 @pytest.mark.parametrize("case", ["alias bomb as a name", "duplicate top key", "python object tag", "fifo"])
-def test_hostile_job_files_through_the_cli_send_nothing(tmp_path: Path, sim: SimulatorThread, case: str) -> None:
+def test_hostile_job_files_through_the_cli_send_nothing(
+    tmp_path: Path, sim: SimulatorThread, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The worst job files through `run` and `validate`: exit 2, one line, zero requests, no output folder."""
+    _smaller_alias_budget(monkeypatch)
     path = tmp_path / "jobs.yaml"
     if case == "fifo":
         os.mkfifo(path)
@@ -425,7 +440,7 @@ def test_hostile_job_files_through_the_cli_send_nothing(tmp_path: Path, sim: Sim
         content = HOSTILE_FILES[case][0]
         path.write_text(content if isinstance(content, str) else content.decode("latin-1"))
     for command in ("run", "validate"):
-        _refused(run_cli(command, str(path), env=cli_env(sim.url), timeout=30), sim, str(path))
+        _refused(cli_in_process(command, str(path), env=cli_env(sim.url)), sim, str(path))
 
 
 # -- secrets at -vv ---------------------------------------------------------------------------------
@@ -437,7 +452,7 @@ def test_no_secret_anywhere_at_vv_with_a_refused_bucket(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     monkeypatch.setenv("AWS_SESSION_TOKEN", session)
     jobs = write_jobs(tmp_path, [GOOD_JOB])
-    proc = run_cli("run", str(jobs), "-vv", "--output-dir", f"s3://{s3.bucket}/p", env=cli_env(sim.url))
+    proc = cli_in_process("run", str(jobs), "-vv", "--output-dir", f"s3://{s3.bucket}/p", env=cli_env(sim.url))
     assert proc.returncode == 2, proc.stderr
     assert [line for line in proc.stderr.splitlines() if "error" in line.lower()][-1].startswith("mics-export: error:")
     for value in (TOKEN, secret, session, s3.server.secret_key):
@@ -479,7 +494,9 @@ def test_a_manifest_symlink_is_never_written_through(tmp_path: Path, sim: Simula
     victim = tmp_path / "passwd"
     victim.write_text("root:x:0:0\n")
     (out / "manifest.json").symlink_to(victim)
-    _refused(run_cli("run", str(write_jobs(tmp_path, [GOOD_JOB])), env=cli_env(sim.url)), sim, "not a regular file")
+    _refused(
+        cli_in_process("run", str(write_jobs(tmp_path, [GOOD_JOB])), env=cli_env(sim.url)), sim, "not a regular file"
+    )
     assert victim.read_text() == "root:x:0:0\n" and (out / "manifest.json").is_symlink()
 
 
@@ -488,7 +505,7 @@ def test_a_fifo_at_the_output_name_does_not_block(tmp_path: Path, sim: Simulator
     out = tmp_path / "out"
     out.mkdir()
     os.mkfifo(out / "a.ndjson")
-    proc = run_cli("run", str(write_jobs(tmp_path, [GOOD_JOB])), env=cli_env(sim.url), timeout=60)
+    proc = cli_in_process("run", str(write_jobs(tmp_path, [GOOD_JOB])), env=cli_env(sim.url))
     assert proc.returncode == 0, proc.stderr
     assert (out / "a.ndjson").is_file() and "replaced a special file" in proc.stderr
     assert manifest(out)["jobs"][0]["status"] == "SUCCEEDED"
@@ -499,7 +516,7 @@ def test_an_output_dir_that_is_a_symlink_is_followed(tmp_path: Path, sim: Simula
     real = tmp_path / "real"
     real.mkdir()
     (tmp_path / "out").symlink_to(real)
-    proc = run_cli("run", str(write_jobs(tmp_path, [GOOD_JOB])), env=cli_env(sim.url))
+    proc = cli_in_process("run", str(write_jobs(tmp_path, [GOOD_JOB])), env=cli_env(sim.url))
     assert proc.returncode == 0, proc.stderr
     assert (real / "a.ndjson").is_file() and (real / "manifest.json").is_file()
 
@@ -511,7 +528,7 @@ def test_a_dangling_lock_symlink_creates_nothing_outside(tmp_path: Path, sim: Si
     outside = tmp_path / "elsewhere" / "created-by-the-run"
     outside.parent.mkdir()
     (out / ".lock").symlink_to(outside)
-    done = run_cli("run", str(write_jobs(tmp_path, [GOOD_JOB])), env=cli_env(sim.url))
+    done = cli_in_process("run", str(write_jobs(tmp_path, [GOOD_JOB])), env=cli_env(sim.url))
     assert not outside.exists()
     assert done.returncode == 2 and ".lock" in done.stderr and "Traceback" not in done.stderr
 
@@ -523,7 +540,7 @@ def test_an_unwritable_output_folder_is_one_line(tmp_path: Path, sim: SimulatorT
     out = tmp_path / "out"
     out.mkdir(mode=0o500)
     try:
-        _refused(run_cli("run", str(write_jobs(tmp_path, [GOOD_JOB])), env=cli_env(sim.url)), sim, "out")
+        _refused(cli_in_process("run", str(write_jobs(tmp_path, [GOOD_JOB])), env=cli_env(sim.url)), sim, "out")
     finally:
         out.chmod(0o700)
 

@@ -1,7 +1,8 @@
 """The run against a hostile API (issue 10): endless lists, trickles, loose typing, echoed tokens, 5xx after create.
 
-Each test runs the real CLI in a subprocess against the hostile proxy (tests/hostile.py)
-in front of a simulator, and checks what the issue asks of every case: the outcome is a
+Each test runs the real CLI (in process: ``support.cli_in_process``, the same ``main()``
+without a Python start-up; `exports list` in a subprocess) against the hostile proxy
+(tests/hostile.py) in front of a simulator, and checks what the issue asks of every case: the outcome is a
 byte-exact file or a job that is not SUCCEEDED with exit code 1; no traceback; the token
 (nor its first characters) nowhere in stderr, the manifest or any file; no second
 execution; no hang past the deadline. Client-level behaviour is tested in-process in
@@ -38,7 +39,7 @@ from hostile import (
     scene,
     small_spec,
 )
-from support import TOKEN, assert_exact, cli_env, jobs_by_name, leftovers, manifest, run_cli, write_jobs
+from support import TOKEN, assert_exact, cli_env, cli_in_process, jobs_by_name, leftovers, manifest, run_cli, write_jobs
 
 from orchestrator.context import bind_job
 from orchestrator.simulator import ExportSpec, SimulatorThread
@@ -59,11 +60,11 @@ def _scene(
 
 
 def _run(
-    tmp_path: Path, proxy: HostileThread, jobs: list[dict[str, Any]], *args: str, timeout: float = 60, **kw: Any
+    tmp_path: Path, proxy: HostileThread, jobs: list[dict[str, Any]], *args: str, **kw: Any
 ) -> subprocess.CompletedProcess[str]:
-    """``mics-export run`` of ``jobs`` through the proxy (a hang fails the test at ``timeout``)."""
+    """``mics-export run`` of ``jobs`` through the proxy, in process (a hang fails at pytest's timeout)."""
     path = write_jobs(tmp_path, jobs, **kw)
-    return run_cli("run", str(path), *args, env=cli_env(proxy.url), timeout=timeout)
+    return cli_in_process("run", str(path), *args, env=cli_env(proxy.url))
 
 
 def _clean(proc: subprocess.CompletedProcess[str], out: Path, code: int) -> dict[str, dict[str, Any]]:
@@ -121,11 +122,11 @@ def test_an_export_lookup_that_repeats_its_page_fails_that_job_only(tmp_path: Pa
     plain = _spec("7")
     handler = _chain((lambda r: r.method == "GET" and r.path == "/v1/exports", _same_exports_page))
     with _scene(handler, plain) as (sim, proxy):
-        jobs = [
+        jobs: list[dict[str, Any]] = [
             {"name": "q", "query": {"datamart_id": "1509", "text": "SELECT {id} FROM UserPoint"}},
             {"name": "plain", "export_id": "7"},
         ]
-        proc = _run(tmp_path, proxy, jobs, timeout=30)
+        proc = _run(tmp_path, proxy, jobs)
         lists = proxy.count(lambda r: r.path == "/v1/exports")
         created = sim.stats.exports_created
     entries = _clean(proc, tmp_path / "out", 1)
@@ -155,7 +156,7 @@ def test_a_poll_whose_list_repeats_its_page_fails_that_job(tmp_path: Path) -> No
         return json_wire(200, {"status": "ok", "data": items, "total": 500, "first_result": 0, "max_results": 10})
 
     with _scene(_chain((is_executions_list, other_executions)), _spec("1")) as (sim, proxy):
-        proc = _run(tmp_path, proxy, [{"name": "j", "export_id": "1"}], timeout=30)
+        proc = _run(tmp_path, proxy, [{"name": "j", "export_id": "1"}])
         lists = proxy.count(is_executions_list)
         created = sim.stats.executions_created["1"]
     entries = _clean(proc, tmp_path / "out", 1)
@@ -176,7 +177,7 @@ def test_a_trickling_error_file_does_not_outlive_the_deadline(tmp_path: Path) ->
     """A FAILED execution whose error file trickles at 1 byte/s ends its job within timeout_s=2, not minutes later."""
     with _scene(_chain((is_error_file, _trickle)), _spec("1", always_fail=True)) as (sim, proxy):
         started = time.monotonic()
-        proc = _run(tmp_path, proxy, [{"name": "bad", "export_id": "1", "timeout_s": 2, "retries": 0}], timeout=40)
+        proc = _run(tmp_path, proxy, [{"name": "bad", "export_id": "1", "timeout_s": 2, "retries": 0}])
         elapsed = time.monotonic() - started
         created = sim.stats.executions_created["1"]
     entries = _clean(proc, tmp_path / "out", 1)
@@ -203,7 +204,7 @@ def test_lookups_that_trickle_end_at_the_deadline(tmp_path: Path) -> None:
             {"name": "q", "query": {"datamart_id": "1509", "text": "SELECT {id} FROM UserPoint"}, "timeout_s": 2},
             {"name": "lost", "export_id": "2", "timeout_s": 2},
         ]
-        proc = _run(tmp_path, proxy, jobs, timeout=40)
+        proc = _run(tmp_path, proxy, jobs)
         elapsed = time.monotonic() - started
     entries = _clean(proc, tmp_path / "out", 1)
     assert elapsed < 15, elapsed
@@ -314,7 +315,10 @@ def test_errors_show_the_platform_error_codes_and_never_the_token(tmp_path: Path
     )
     specs = [_spec("1", always_fail=True), _spec("2"), _spec("3")]
     with _scene(handler, *specs) as (_sim, proxy):
-        jobs = [{"name": "failed", "export_id": "1", "retries": 0}, {"name": "refused", "export_id": "2"}]
+        jobs: list[dict[str, Any]] = [
+            {"name": "failed", "export_id": "1", "retries": 0},
+            {"name": "refused", "export_id": "2"},
+        ]
         jobs.append({"name": "gateway", "export_id": "3"})
         proc = _run(tmp_path, proxy, jobs, "-v", "--log-format", "json")
     out = tmp_path / "out"

@@ -4,8 +4,9 @@ and symlinks, very long lines, redirects.
 
 Each case ends one of two ways: the file byte-exact, or the job not SUCCEEDED with a
 non-zero exit, no final file, no traceback, no token anywhere, and never a second
-execution. Most cases run the real CLI against the simulator behind
-:mod:`hostile`; behaviours of one function run in process.
+execution. Most cases run the real CLI's ``main()`` in process (``support.cli_in_process``)
+against the simulator behind :mod:`hostile`; the SIGTERM case runs it as a subprocess;
+behaviours of one function call it directly.
 """
 
 from __future__ import annotations
@@ -16,21 +17,32 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hostile import Forward, HostileThread, Request, Wire, gzip_without_trailer, html_wire, is_download, passthrough
+from hostile import (
+    Forward,
+    Handler,
+    HostileThread,
+    Reply,
+    Request,
+    Wire,
+    gzip_without_trailer,
+    html_wire,
+    is_download,
+    passthrough,
+)
 from support import (
     TOKEN,
     assert_exact,
     cli_env,
+    cli_in_process,
     jobs_by_name,
     leftovers,
     manifest,
-    run_cli,
     start_cli,
     wait_for,
     write_jobs,
@@ -39,6 +51,7 @@ from support import (
 from orchestrator.download import UnverifiedLengthError, download
 from orchestrator.ndjson import LineChecker, LineStats, LineTooLongError
 from orchestrator.simulator import ExportSpec, Faults, SimulatorConfig, SimulatorThread
+from orchestrator.validate_worker import MODULE as VALIDATE_WORKER
 from orchestrator.workers import validator_pool
 
 SPEC = ExportSpec("1", size_bytes=60_000, pending_s=0.01, running_s=0.02)
@@ -78,7 +91,7 @@ def _run(tmp_path: Path, handler: Any, spec: ExportSpec = SPEC, plant: Any = Non
         plant(out)
     with _servers(handler, spec) as (sim, hostile):
         path = write_jobs(tmp_path, [{"name": "j", "export_id": spec.id, **job}])
-        proc = run_cli("run", str(path), env=cli_env(hostile.url))
+        proc = cli_in_process("run", str(path), env=cli_env(hostile.url))
         return Outcome(proc, out, sim.stats.executions_created[spec.id], list(hostile.requests))
 
 
@@ -184,7 +197,7 @@ def test_unconfirmable_end_is_kept_when_the_job_says_so(tmp_path: Path) -> None:
 
 
 # -- lengths that lie, framings cut short ---------------------------------------------------
-def _once(bad: Any) -> Any:
+def _once(bad: Callable[[Reply], Wire]) -> Handler:
     """A handler whose first download answer is ``bad(reply)``, the rest passed through."""
     seen: list[int] = []
 
@@ -367,17 +380,21 @@ def test_existing_user_file_at_the_output_name_is_replaced_with_a_warning(tmp_pa
 
 
 class _Stream:
-    """A stream of fixed bytes that states its length like a ResumableStream."""
+    """A stream of fixed bytes (from ``start``, in one chunk) that states its length like a ResumableStream."""
 
     def __init__(self, data: bytes, start: int) -> None:
         self.data, self.start = data, start
         self.length_check = "content-length"
+        self._sent = False
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._gen()
+    def __aiter__(self) -> _Stream:
+        return self
 
-    async def _gen(self) -> AsyncIterator[bytes]:
-        yield self.data[self.start :]
+    async def __anext__(self) -> bytes:
+        if self._sent:
+            raise StopAsyncIteration
+        self._sent = True
+        return self.data[self.start :]
 
 
 @pytest.mark.anyio
@@ -476,16 +493,16 @@ def test_a_line_over_max_line_bytes_fails_the_job(tmp_path: Path) -> None:
     )
 
 
-def _line_checkers(pid: int) -> list[int]:
-    """Descendants of ``pid`` that are checking a long line."""
+def _line_checkers(parent: int) -> list[int]:
+    """Children of ``parent`` checking a long line (``python -m orchestrator.validate_worker --line``);
+    only its own, so a test running at the same time on another xdist worker is not counted."""
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             with contextlib.suppress(OSError):
-                if (
-                    b"--line" in (proc / "cmdline").read_bytes()
-                    and b"orchestrator.workers" in (proc / "cmdline").read_bytes()
-                ):
+                ppid = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if ppid == parent and b"--line" in argv and VALIDATE_WORKER.encode() in argv:
                     found.append(int(proc.name))
     return found
 

@@ -5,7 +5,8 @@ Every case ends one of two ways: the file byte-exact, or a failure (in process: 
 exception, no file, no part file; through the CLI: the job not SUCCEEDED and exit != 0),
 and never a traceback, the token, a hang past the deadline or a second execution. Framing
 cases run in process against made-up answers (:func:`_fetch`), so that they take
-milliseconds; what is the run's (deadlines, adoption, the dialect) runs the real CLI.
+milliseconds; what is the run's (deadlines, adoption, the dialect) runs the real CLI: its
+``main()`` in process (``support.cli_in_process``), the deadline case as a subprocess.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from hostile import (
     scene,
     small_spec,
 )
-from support import TOKEN, assert_exact, cli_env, jobs_by_name, leftovers, manifest, run_cli, write_jobs
+from support import TOKEN, assert_exact, cli_env, cli_in_process, jobs_by_name, leftovers, manifest, run_cli, write_jobs
 
 from orchestrator.api import ApiClient, RetryPolicy, Timeouts
 from orchestrator.download import DownloadResult, download
@@ -501,7 +502,7 @@ def test_the_real_apis_dialect_on_executions(tmp_path: Path) -> None:
     specs = [_spec(str(i)) for i in range(1, 6)]
     with _scene(_dialect_handler, *specs) as (sim, proxy):
         jobs = [{"name": f"j{s.id}", "export_id": s.id, "retries": 0} for s in specs]
-        proc = run_cli("run", str(write_jobs(tmp_path, jobs)), env=cli_env(proxy.url), timeout=60)
+        proc = cli_in_process("run", str(write_jobs(tmp_path, jobs)), env=cli_env(proxy.url))
         created = dict(sim.stats.executions_created)
     out = tmp_path / "out"
     entries = _clean(proc, out)
@@ -532,7 +533,9 @@ def test_numeric_ids_and_iso_dates_do_not_break_the_lost_create_lookup(tmp_path:
         return await passthrough(req, forward)
 
     with _scene(handler, spec) as (sim, proxy):
-        proc = run_cli("run", str(write_jobs(tmp_path, [{"name": "j", "export_id": "1"}])), env=cli_env(proxy.url))
+        proc = cli_in_process(
+            "run", str(write_jobs(tmp_path, [{"name": "j", "export_id": "1"}])), env=cli_env(proxy.url)
+        )
         created, posts = sim.stats.executions_created["1"], proxy.count(is_create)
     _clean(proc, tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
