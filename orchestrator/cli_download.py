@@ -184,8 +184,9 @@ async def _fetch(
             f"(mics-export executions list {export_id} shows when it ends)"
         )
     name = execution.technical_name if execution else "export"
+    budget = api.retry.budget(resumable=True)  # one budget for the whole download, restarts included
     return await fetch(
-        lambda start: api.stream_result(export_id, execution_id, technical_name=name, start=start),
+        lambda start: api.stream_result(export_id, execution_id, technical_name=name, start=start, budget=budget),
         target,
         tag=execution_id,
         compression=compression,

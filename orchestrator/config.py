@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import importlib.util
 import os
 import re
 import unicodedata
@@ -49,6 +50,7 @@ from orchestrator.endpoint import (
     url_problem,
 )
 from orchestrator.errors import ConfigError, UsageError
+from orchestrator.location import parse_location
 from orchestrator.retry import DEFAULTS as RETRY_DEFAULTS
 from orchestrator.retry import RetryPolicy
 
@@ -340,12 +342,10 @@ class JobFile(_Strict):
         template = self.output_template(override)
         resolved = template.replace("{date}", (today or utc_today()).isoformat())
         if is_url(resolved):
-            try:
-                from orchestrator.objstore import parse_location
-            except ImportError:
+            if importlib.util.find_spec("obstore") is None:
                 raise UsageError(
                     f"{resolved}: writing to a bucket needs the cloud extra: pip install 'mics-export[cloud]'"
-                ) from None
+                )
             parse_location(resolved)
             return resolved
         return Path(resolved)

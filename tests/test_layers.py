@@ -73,8 +73,6 @@ KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
     # (importer, imported): why it is still there. The test fails once an edge is gone, so
     # that the exception is removed with it.
     ("endpoint", "api"): "DEFAULT_BASE_URL lives in api.py; its home should be endpoint.py (api imports it)",
-    ("config", "objstore"): "JobFile.output_dir checks a bucket URL with objstore.parse_location; "
-    "orchestrator.location.parse_location is the same function without obstore",
 }
 
 
