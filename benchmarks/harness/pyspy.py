@@ -41,7 +41,8 @@ def _role(frames: list[str]) -> str:
         return "worker processes"
     thread = next((f for f in frames if f.startswith("thread (")), "")
     name = thread.partition("): ")[2]
-    if name.startswith("writer:") or any("_FileWriter._run" in f for f in frames):
+    # A large file's writer thread, or a small file's one write in a worker thread (transfer._Writer).
+    if name.startswith("writer:") or any("_FileWriter._run" in f or "_Writer._write_held" in f for f in frames):
         return "main: writer thread"
     if name == "MainThread":
         return "main: event loop"
