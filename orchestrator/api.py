@@ -37,6 +37,7 @@ from typing import Any, TypeVar, cast, overload
 
 import orjson
 
+from orchestrator.endpoint import DEFAULT_BASE_URL
 from orchestrator.errors import (
     ConnectError,
     MalformedResponseError,
@@ -56,7 +57,6 @@ T = TypeVar("T")
 # Re-exported for tests/test_resilience.py, which imports them from here (another owner's file).
 _Secret, _error_from = Secret, error_from
 
-DEFAULT_BASE_URL = "https://api.mediarithmics.com"
 DEFAULT_CHUNK_BYTES = 1 << 20
 """1 MiB: measured (PERF-NOTES) to move bytes 2× faster than 64 KiB chunks."""
 MAX_PAGES = 1000

@@ -15,8 +15,9 @@ import anyio
 import click
 import orjson
 
-from orchestrator.api import DEFAULT_BASE_URL, ApiClient
+from orchestrator.api import ApiClient
 from orchestrator.config import API_URL_ENV, api_url, is_url, output_dir_problem, read_token
+from orchestrator.endpoint import DEFAULT_BASE_URL
 from orchestrator.errors import MissingTokenError, UsageError
 from orchestrator.logs import printable
 

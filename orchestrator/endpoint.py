@@ -14,11 +14,14 @@ import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from orchestrator.api import DEFAULT_BASE_URL
 from orchestrator.errors import MissingTokenError, UsageError
 
 API_URL_ENV = "MICS_API_URL"
 """The environment variable that overrides the API's base URL (job file and ``--api-url`` default)."""
+
+
+DEFAULT_BASE_URL = "https://api.mediarithmics.com"
+"""The production API: the one home of this URL (the job file's default and the ops commands')."""
 
 
 def _show(value: str, limit: int = 40) -> str:

@@ -72,7 +72,6 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
 KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
     # (importer, imported): why it is still there. The test fails once an edge is gone, so
     # that the exception is removed with it.
-    ("endpoint", "api"): "DEFAULT_BASE_URL lives in api.py; its home should be endpoint.py (api imports it)",
 }
 
 
