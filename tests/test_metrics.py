@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from support import TOKEN, cli_env, run_cli, write_jobs
+from support import TOKEN, cli_env, cli_in_process, write_jobs
 
 from orchestrator.metrics import (
     JOB_STATUSES,
@@ -507,7 +507,7 @@ def test_run_pushes_its_metrics_at_the_end(gateway: FakeGateway, tmp_path: Path)
     with SimulatorThread(SimulatorConfig(token=TOKEN, exports=tuple(specs))) as sim:
         path = write_jobs(tmp_path, [{"name": f"j{s.id}", "export_id": s.id} for s in specs])
         env = cli_env(sim.url, JOB_COMPLETION_INDEX="0", MICS_SHARD_COUNT="1", MICS_METRICS_PUSHGATEWAY=gateway.url)
-        proc = run_cli("run", str(path), env=env)
+        proc = cli_in_process("run", str(path), env=env)
     assert proc.returncode == 0, proc.stderr
     [request] = gateway.requests
     assert (request.method, request.path) == ("PUT", "/metrics/job/mics-export/shard/0")

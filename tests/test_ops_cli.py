@@ -1,7 +1,10 @@
-"""Tests for the ops commands, run as a user runs them: the `mics-export` script in a subprocess.
+"""Tests for the ops commands, run as a user runs them: the real `mics-export` command.
 
 Each test serves a SimulatorThread on loopback and points the command at it with
 MICS_API_URL and MICS_API_TOKEN. Outputs are checked as a user or a script would read them.
+Commands run in this process (:func:`support.cli_in_process`: the same exit code, stdout and
+stderr, without a Python start-up each); the installed `mics-export` script runs as a
+subprocess once (`exports list`), and `simulate` is a server process stopped by a signal.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import orjson
 import pytest
 import requests
 from conftest import ORG, TOKEN, fast_spec, sim_config
+from support import cli_in_process
 
 from orchestrator.simulator import Faults, SimulatorThread
 
@@ -29,16 +33,20 @@ COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "orchestrator"]
 
 
 def cli(
-    sim: SimulatorThread | None, *args: str, token: str | None = TOKEN, **env_extra: str
+    sim: SimulatorThread | None, *args: str, token: str | None = TOKEN, process: bool = False, **env_extra: str
 ) -> subprocess.CompletedProcess[str]:
-    """Run `mics-export ARGS` against the simulator; the token never shows in its output."""
+    """Run `mics-export ARGS` against the simulator (the script in a subprocess if ``process``);
+    the token never shows in its output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MICS_")}
     if sim is not None:
         env["MICS_API_URL"] = sim.url
     if token is not None:
         env["MICS_API_TOKEN"] = token
     env.update(env_extra)
-    done = subprocess.run([*COMMAND, *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+    if process:
+        done = subprocess.run([*COMMAND, *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+    else:
+        done = cli_in_process(*args, env=env)
     assert TOKEN not in done.stdout and TOKEN not in done.stderr
     return done
 
@@ -85,8 +93,8 @@ def sim() -> Iterator[SimulatorThread]:
 
 # -- exports ------------------------------------------------------------------------------------
 def test_exports_list_shows_every_export_across_pages(sim: SimulatorThread) -> None:
-    """`exports list` prints all 57 exports of the organisation (two API pages), and only theirs."""
-    done = cli(sim, "exports", "list", "--organisation-id", ORG)
+    """The installed script's `exports list` prints all 57 exports of the organisation (two pages), and only theirs."""
+    done = cli(sim, "exports", "list", "--organisation-id", ORG, process=True)
     assert done.returncode == 0, done.stderr
     ids = re.findall(r"\b(\d{4})\b", done.stdout)
     shown = [i for i in ids if i.startswith(("50", "70"))]

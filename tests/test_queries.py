@@ -1,4 +1,8 @@
-"""End-to-end: jobs defined by their OTQL query (issue #7), `mics-export` as a subprocess against the simulator."""
+"""End-to-end: jobs defined by their OTQL query (issue #7), `mics-export` run in-process against the simulator.
+
+The command is the real CLI (:func:`support.cli_in_process`): exit codes, stdout and stderr as a
+user sees them, without a Python start-up per run; nothing here is about the process itself.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,10 @@ from support import (
     TOKEN,
     assert_exact,
     cli_env,
+    cli_in_process,
     jobs_by_name,
     leftovers,
     manifest,
-    run_cli,
     write_jobs,
 )
 
@@ -28,8 +32,8 @@ BAD = "SELEC {id} FROM UserPoint"
 
 
 def _sim(*specs: ExportSpec) -> SimulatorThread:
-    """The simulator; exports it creates get derived lifecycles (0.7-2.5 s), run at 0.3x to keep the file fast."""
-    return SimulatorThread(SimulatorConfig(token=TOKEN, exports=specs, time_scale=0.3))
+    """The simulator; exports it creates get derived lifecycles (0.7-2.5 s), run at 0.05x (35-125 ms) for speed."""
+    return SimulatorThread(SimulatorConfig(token=TOKEN, exports=specs, time_scale=0.05))
 
 
 def _fast(export_id: str, **kw: Any) -> ExportSpec:
@@ -70,7 +74,7 @@ def test_first_run_creates_one_checked_query_and_one_export_per_query_job(tmp_pa
     """A first run checks, creates one query and one export named PREFIX+job per query job, and downloads it exactly."""
     with _sim() as sim:
         path = write_jobs(tmp_path, [_qjob("active-emails", ACTIVE), _qjob("visitors", VISITORS)])
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
         assert proc.returncode == 0, proc.stderr
         stats = sim.stats
         assert stats.queries_created == 2
@@ -91,10 +95,10 @@ def test_second_run_reuses_the_export_and_creates_nothing(tmp_path: Path) -> Non
     """A rerun into a fresh folder (so the job really runs) reuses the export and query: nothing created or updated."""
     with _sim() as sim:
         path = write_jobs(tmp_path, [_qjob("active-emails", ACTIVE)])
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 0
         first = jobs_by_name(manifest(tmp_path / "out"))["active-emails"]
         second_out = tmp_path / "second"
-        proc = run_cli("run", str(path), "--output-dir", str(second_out), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), "--output-dir", str(second_out), env=cli_env(sim.url))
         assert proc.returncode == 0, proc.stderr
         stats = sim.stats
         assert (stats.queries_created, stats.exports_created, stats.exports_updated) == (1, 1, 0)
@@ -108,8 +112,8 @@ def test_rerun_into_the_same_folder_creates_nothing(tmp_path: Path) -> None:
     """A rerun into the same folder after success creates no query, export or execution."""
     with _sim() as sim:
         path = write_jobs(tmp_path, [_qjob("active-emails", ACTIVE)])
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 0
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
         assert proc.returncode == 0, proc.stderr
         stats = sim.stats
         assert (stats.queries_created, stats.exports_created, stats.exports_updated) == (1, 1, 0)
@@ -122,12 +126,12 @@ def test_changed_text_creates_a_new_query_and_points_the_export_at_it(tmp_path: 
     changed = 'SELECT {emails {id}} FROM UserPoint WHERE segments {id="456"}'
     with _sim() as sim:
         path = write_jobs(tmp_path, [_qjob("active-emails", ACTIVE)])
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 0
         first = jobs_by_name(manifest(tmp_path / "out"))["active-emails"]
 
         path = write_jobs(tmp_path, [_qjob("active-emails", changed)])
         out2 = tmp_path / "changed"
-        proc = run_cli("run", str(path), "--output-dir", str(out2), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), "--output-dir", str(out2), env=cli_env(sim.url))
         assert proc.returncode == 0, proc.stderr
         stats = sim.stats
         assert (stats.queries_created, stats.exports_created, stats.exports_updated) == (2, 1, 1)
@@ -142,7 +146,7 @@ def test_changed_text_creates_a_new_query_and_points_the_export_at_it(tmp_path: 
 
         # The same changed text again: reused as is, nothing new.
         out3 = tmp_path / "again"
-        proc = run_cli("run", str(path), "--output-dir", str(out3), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), "--output-dir", str(out3), env=cli_env(sim.url))
         assert proc.returncode == 0, proc.stderr
         assert (stats.queries_created, stats.exports_created, stats.exports_updated) == (2, 1, 1)
         again = _check_query_job(sim, out3, "active-emails", changed)
@@ -153,11 +157,11 @@ def test_changed_text_that_the_api_rejects_fails_the_job_and_keeps_the_export(tm
     """A changed text the API rejects fails the job with the API's message; the export keeps its old query."""
     with _sim() as sim:
         path = write_jobs(tmp_path, [_qjob("active-emails", ACTIVE)])
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 0
         first = jobs_by_name(manifest(tmp_path / "out"))["active-emails"]
         path = write_jobs(tmp_path, [_qjob("active-emails", BAD)])
         out2 = tmp_path / "bad"
-        proc = run_cli("run", str(path), "--output-dir", str(out2), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), "--output-dir", str(out2), env=cli_env(sim.url))
         stats = sim.stats
         assert (stats.queries_created, stats.exports_created, stats.exports_updated) == (1, 1, 0)
         assert sim.state.exports[first["export_id"]].query_id == first["query_id"]
@@ -172,11 +176,11 @@ def test_changed_datamart_with_the_same_text_gets_a_new_query_on_that_datamart(t
     """Moving a query job to another datamart (same text) makes a query there and points the export at it."""
     with _sim() as sim:
         path = write_jobs(tmp_path, [_qjob("active-emails", ACTIVE)])
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 0
         first = jobs_by_name(manifest(tmp_path / "out"))["active-emails"]
         path = write_jobs(tmp_path, [_qjob("active-emails", ACTIVE, datamart_id="2000")])
         out2 = tmp_path / "moved"
-        proc = run_cli("run", str(path), "--output-dir", str(out2), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), "--output-dir", str(out2), env=cli_env(sim.url))
         assert proc.returncode == 0, proc.stderr
         stats = sim.stats
         assert (stats.queries_created, stats.exports_created, stats.exports_updated) == (2, 1, 1)
@@ -193,7 +197,7 @@ def test_export_whose_query_is_gone_gets_a_new_query(tmp_path: Path) -> None:
     with _sim(orphan) as sim:
         del sim.state.queries["99999"]  # before any request: the platform lost that query
         path = write_jobs(tmp_path, [_qjob("active-emails", ACTIVE)])
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
         assert proc.returncode == 0, proc.stderr
         stats = sim.stats
         assert (stats.queries_created, stats.exports_created, stats.exports_updated) == (1, 0, 1)
@@ -207,7 +211,7 @@ def test_bad_query_fails_only_its_job_with_the_api_message(tmp_path: Path) -> No
     with _sim(plain) as sim:
         jobs = [_qjob("broken", BAD), _qjob("active-emails", ACTIVE), {"name": "visitors", "export_id": "9872"}]
         path = write_jobs(tmp_path, jobs)
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
         stats = sim.stats
         assert (stats.queries_created, stats.exports_created) == (1, 1)
         assert _named(sim, PREFIX + "broken") == []
@@ -235,7 +239,7 @@ def test_mixed_export_id_and_query_jobs_in_one_file(tmp_path: Path) -> None:
             _qjob("visitors", VISITORS),
         ]
         path = write_jobs(tmp_path, jobs, concurrency=2)
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
         assert proc.returncode == 0, proc.stderr
         stats = sim.stats
         assert (stats.queries_created, stats.exports_created, stats.exports_updated) == (2, 2, 0)
@@ -254,7 +258,7 @@ def test_custom_export_name_prefix_is_honoured(tmp_path: Path) -> None:
     decoy = _fast("777", name=PREFIX + "active-emails", query_id="65987")
     with _sim(decoy) as sim:
         path = write_jobs(tmp_path, [_qjob("active-emails", ACTIVE)], api={"query_export_prefix": "nightly/"})
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
         assert proc.returncode == 0, proc.stderr
         stats = sim.stats
         assert (stats.queries_created, stats.exports_created, stats.exports_updated) == (1, 1, 0)
@@ -272,7 +276,7 @@ def test_existing_export_on_a_later_page_is_found(tmp_path: Path, position: int)
     with _sim(*filler) as sim:
         text = sim.state.queries["61234"]["query_text"]  # the text the platform holds for that query
         path = write_jobs(tmp_path, [_qjob("deep", text)])
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
         assert proc.returncode == 0, proc.stderr
         stats = sim.stats
         assert (stats.queries_created, stats.exports_created, stats.exports_updated) == (0, 0, 0)
@@ -288,7 +292,7 @@ def test_existing_export_on_a_later_page_with_other_text_is_updated(tmp_path: Pa
     mine = _fast("5555", name=PREFIX + "deep", query_id="61234")
     with _sim(*filler, mine) as sim:
         path = write_jobs(tmp_path, [_qjob("deep", ACTIVE)])
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
         assert proc.returncode == 0, proc.stderr
         stats = sim.stats
         assert (stats.queries_created, stats.exports_created, stats.exports_updated) == (1, 0, 1)
@@ -302,7 +306,7 @@ def test_check_queries_accepts_good_queries_and_creates_nothing(tmp_path: Path) 
     with _sim() as sim:
         jobs = [_qjob("active-emails", ACTIVE), _qjob("visitors", VISITORS), {"name": "plain", "export_id": "9872"}]
         path = write_jobs(tmp_path, jobs)
-        proc = run_cli("validate", "--check-queries", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("validate", "--check-queries", str(path), env=cli_env(sim.url))
         stats = sim.stats
         assert proc.returncode == 0, proc.stderr
         assert stats.requests["queries.check"] == 2
@@ -317,7 +321,7 @@ def test_check_queries_names_the_bad_job_and_quotes_the_api(tmp_path: Path) -> N
     with _sim() as sim:
         jobs = [_qjob("active-emails", ACTIVE), _qjob("broken", BAD)]
         path = write_jobs(tmp_path, jobs)
-        proc = run_cli("validate", "--check-queries", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("validate", "--check-queries", str(path), env=cli_env(sim.url))
         stats = sim.stats
         assert proc.returncode == 1, proc.stderr
         assert stats.requests["queries.check"] == 2
@@ -335,7 +339,7 @@ def test_check_queries_without_a_token_exits_2_and_sends_nothing(tmp_path: Path)
     """`validate --check-queries` with no token exits 2 naming the variable, and sends no request."""
     with _sim() as sim:
         path = write_jobs(tmp_path, [_qjob("active-emails", ACTIVE)])
-        proc = run_cli("validate", "--check-queries", str(path), env=cli_env(sim.url, token=None))
+        proc = cli_in_process("validate", "--check-queries", str(path), env=cli_env(sim.url, token=None))
         assert proc.returncode == 2, proc.stderr
         assert sim.stats.total_requests == 0
     assert "MICS_API_TOKEN" in proc.stderr
@@ -345,7 +349,7 @@ def test_plain_validate_sends_nothing_for_query_jobs(tmp_path: Path) -> None:
     """Plain `validate` (no --check-queries) accepts query jobs without a token or any request."""
     with _sim() as sim:
         path = write_jobs(tmp_path, [_qjob("active-emails", BAD), {"name": "plain", "export_id": "1"}])
-        proc = run_cli("validate", str(path), env=cli_env(sim.url, token=None))
+        proc = cli_in_process("validate", str(path), env=cli_env(sim.url, token=None))
         assert proc.returncode == 0, proc.stderr
         assert sim.stats.total_requests == 0
 
@@ -362,7 +366,7 @@ def test_a_job_needs_exactly_one_of_export_id_or_query(tmp_path: Path, job: dict
     """A job with both export_id and query, or neither, is a one-line job-file error naming the job (exit 2)."""
     path = write_jobs(tmp_path, [job])
     for args in (("validate", str(path)), ("run", str(path))):
-        proc = run_cli(*args, env=cli_env("http://127.0.0.1:9"))
+        proc = cli_in_process(*args, env=cli_env("http://127.0.0.1:9"))
         assert proc.returncode == 2, proc.stderr
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1, proc.stderr
@@ -376,10 +380,10 @@ def test_changed_query_in_the_same_folder_is_run_again(tmp_path: Path) -> None:
     """Rerunning today's batch after fixing a query reruns that job on the new query, not the old file."""
     with _sim() as sim:
         first = write_jobs(tmp_path, [_qjob("q", ACTIVE)])
-        assert run_cli("run", str(first), env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(first), env=cli_env(sim.url)).returncode == 0
         old = jobs_by_name(manifest(tmp_path / "out"))["q"]
         second = write_jobs(tmp_path, [_qjob("q", VISITORS)])
-        proc = run_cli("run", str(second), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(second), env=cli_env(sim.url))
         created = sim.stats.queries_created
     assert proc.returncode == 0, proc.stderr
     new = jobs_by_name(manifest(tmp_path / "out"))["q"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import TOKEN, cli_env, run_cli, write_jobs
+from support import TOKEN, cli_env, cli_in_process, write_jobs
 
 from orchestrator.config import utc_today
 from orchestrator.retention import dated_folders, prune
@@ -50,7 +50,7 @@ def test_a_successful_run_deletes_only_old_date_folders(tmp_path: Path) -> None:
         SimulatorConfig(token=TOKEN, exports=(ExportSpec("1", pending_s=0.01, running_s=0.01),))
     ) as sim:
         path = _jobs(tmp_path, [{"name": "a", "export_id": "1"}], keep_days=3)
-        done = run_cli("run", str(path), env=cli_env(sim.url))
+        done = cli_in_process("run", str(path), env=cli_env(sim.url))
     assert done.returncode == 0, done.stderr
     assert not old.exists() and not older.exists()
     assert kept.is_dir() and recent.is_dir() and other.is_dir() and bad_date.is_dir()
@@ -67,7 +67,7 @@ def test_a_failed_run_deletes_nothing(tmp_path: Path) -> None:
     spec = ExportSpec("1", always_fail=True, pending_s=0.01, running_s=0.01)
     with SimulatorThread(SimulatorConfig(token=TOKEN, exports=(spec,))) as sim:
         path = _jobs(tmp_path, [{"name": "a", "export_id": "1", "retries": 0}], keep_days=1)
-        done = run_cli("run", str(path), env=cli_env(sim.url))
+        done = cli_in_process("run", str(path), env=cli_env(sim.url))
     assert done.returncode == 1
     assert old.is_dir() and "deleted run folder" not in done.stderr
 

@@ -1,4 +1,10 @@
-"""End-to-end: `mics-export run` as a subprocess against the simulator over loopback HTTP."""
+"""End-to-end: `mics-export run` against the simulator over loopback HTTP.
+
+Most runs go through the real CLI in this process (:func:`support.cli_in_process`: same exit
+code, stdout and stderr, no Python start-up). Two stay subprocesses because the process is the
+point: the README's first command (`run --simulate`, as a user types it) and JSON logs (every
+line a real process writes to stderr must be JSON, whatever else writes there).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from support import (
     TOKEN,
     assert_exact,
     cli_env,
+    cli_in_process,
     jobs_by_name,
     leftovers,
     manifest,
@@ -46,7 +53,7 @@ def test_many_exports_under_the_concurrency_limit(tmp_path: Path) -> None:
     jobs = [{"name": f"job-{i:02d}", "export_id": spec.id} for i, spec in enumerate(specs)]
     with _sim(*specs) as sim:
         path = write_jobs(tmp_path, jobs, concurrency=5)
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
         stats = sim.stats
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
@@ -70,7 +77,7 @@ def test_failed_execution_is_retried_then_reported_with_its_error_file(tmp_path:
         path = write_jobs(
             tmp_path, [{"name": "bad", "export_id": "1", "retries": 1}, {"name": "good", "export_id": "2"}]
         )
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
         created = dict(sim.stats.executions_created)
     assert proc.returncode == 1, proc.stderr
     out = tmp_path / "out"
@@ -89,7 +96,9 @@ def test_fail_once_then_succeed(tmp_path: Path) -> None:
     """An export that fails on its first execution succeeds on the second, and the manifest says 2 attempts."""
     spec = ExportSpec("5", fail_first=1, size_bytes=20_000, pending_s=0.01, running_s=0.02)
     with _sim(spec) as sim:
-        proc = run_cli("run", str(write_jobs(tmp_path, [{"name": "flaky", "export_id": 5}])), env=cli_env(sim.url))
+        proc = cli_in_process(
+            "run", str(write_jobs(tmp_path, [{"name": "flaky", "export_id": 5}])), env=cli_env(sim.url)
+        )
         created = sim.stats.executions_created["5"]
     assert proc.returncode == 0, proc.stderr
     entry = assert_exact(tmp_path / "out", "flaky", spec)
@@ -101,7 +110,9 @@ def test_invalid_and_blank_lines_are_kept_and_counted(tmp_path: Path) -> None:
     """Invalid lines stay in the file as served, are counted with their line numbers; blank lines are neither."""
     spec = ExportSpec("9", size_bytes=1_200_000, invalid_every=97, blank_every=41, pending_s=0.01, running_s=0.02)
     with _sim(spec) as sim:
-        proc = run_cli("run", str(write_jobs(tmp_path, [{"name": "dirty", "export_id": "9"}])), env=cli_env(sim.url))
+        proc = cli_in_process(
+            "run", str(write_jobs(tmp_path, [{"name": "dirty", "export_id": "9"}])), env=cli_env(sim.url)
+        )
     assert proc.returncode == 0, proc.stderr
     entry = assert_exact(tmp_path / "out", "dirty", spec)
     assert entry["invalid_lines"] > 100 and len(entry["invalid_line_numbers"]) == 100
@@ -114,7 +125,7 @@ def test_on_invalid_fail_fails_the_job_without_a_final_file(tmp_path: Path) -> N
     spec = ExportSpec("9", size_bytes=100_000, invalid_every=50, pending_s=0.01, running_s=0.02)
     with _sim(spec) as sim:
         path = write_jobs(tmp_path, [{"name": "strict", "export_id": "9", "on_invalid": "fail"}])
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
     assert proc.returncode == 1
     entry = jobs_by_name(manifest(tmp_path / "out"))["strict"]
     assert entry["status"] == "FAILED" and "invalid line" in entry["error"]
@@ -130,7 +141,7 @@ def test_timeout_cancels_the_execution_and_others_go_on(tmp_path: Path) -> None:
         path = write_jobs(
             tmp_path, [{"name": "stuck", "export_id": "1", "timeout_s": 0.5}, {"name": "fine", "export_id": "2"}]
         )
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
         cancels = sim.stats.cancels
     assert proc.returncode == 1, proc.stderr
     entry = jobs_by_name(manifest(tmp_path / "out"))["stuck"]
@@ -147,7 +158,7 @@ def test_compression_round_trips(tmp_path: Path, compression: str, suffix: str) 
     spec = ExportSpec("3", size_bytes=2 * MIB + 77, shape="user", pending_s=0.01, running_s=0.02)
     with _sim(spec) as sim:
         path = write_jobs(tmp_path, [{"name": "c", "export_id": "3", "compression": compression}])
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
     assert proc.returncode == 0, proc.stderr
     assert_exact(tmp_path / "out", "c", spec, suffix)
     raw = (tmp_path / "out" / f"c{suffix}").read_bytes()
@@ -163,7 +174,7 @@ def test_empty_result_and_erroneous_tasks_are_reported(tmp_path: Path) -> None:
     partial = ExportSpec("2", size_bytes=5000, erroneous_tasks=7, num_tasks=100, pending_s=0.01, running_s=0.02)
     with _sim(empty, partial) as sim:
         path = write_jobs(tmp_path, [{"name": "empty", "export_id": "1"}, {"name": "partial", "export_id": "2"}])
-        proc = run_cli("run", str(path), "--log-format", "json", env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), "--log-format", "json", env=cli_env(sim.url))
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
     assert assert_exact(out, "empty", empty)["records"] == 0
@@ -197,12 +208,12 @@ def test_rerun_skips_complete_jobs_and_redoes_tampered_ones(tmp_path: Path) -> N
     b = ExportSpec("2", size_bytes=30_000, pending_s=0.01, running_s=0.02, seed=1)
     with _sim(a, b) as sim:
         path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}, {"name": "b", "export_id": "2"}])
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 0
         assert sum(sim.stats.executions_created.values()) == 2
         target = tmp_path / "out" / "b.ndjson"
         target.write_bytes(target.read_bytes()[:-5] + b"oops\n")
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 0
         created = dict(sim.stats.executions_created)
         downloads = dict(sim.stats.downloads_completed)
     out = tmp_path / "out"
@@ -217,8 +228,8 @@ def test_only_runs_the_named_jobs(tmp_path: Path) -> None:
     specs = [ExportSpec(str(i), size_bytes=100, pending_s=0.01, running_s=0.01) for i in range(1, 4)]
     with _sim(*specs) as sim:
         path = write_jobs(tmp_path, [{"name": f"j{i}", "export_id": str(i)} for i in range(1, 4)])
-        proc = run_cli("run", str(path), "--only", "j1,j3", env=cli_env(sim.url))
-        bad = run_cli("run", str(path), "--only", "nope", env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), "--only", "j1,j3", env=cli_env(sim.url))
+        bad = cli_in_process("run", str(path), "--only", "nope", env=cli_env(sim.url))
         created = dict(sim.stats.executions_created)
     assert proc.returncode == 0, proc.stderr
     assert set(jobs_by_name(manifest(tmp_path / "out"))) == {"j1", "j3"}
@@ -243,11 +254,11 @@ def test_simulate_runs_the_example_job_file(tmp_path: Path) -> None:
 def test_validate_accepts_the_example_and_rejects_a_bad_file(tmp_path: Path) -> None:
     """`validate` says OK for the example file and exits 2 with one line for a broken one."""
     example = Path(__file__).resolve().parent.parent / "jobs.yaml.example"
-    ok = run_cli("validate", str(example), env=cli_env(token=None))
+    ok = cli_in_process("validate", str(example), env=cli_env(token=None))
     assert ok.returncode == 0 and "OK" in ok.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\njobs:\n  - name: x\n    export_id: '1'\n    colour: red\n")
-    proc = run_cli("validate", str(bad), env=cli_env(token=None))
+    proc = cli_in_process("validate", str(bad), env=cli_env(token=None))
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "job 'x'" in proc.stderr and "colour" in proc.stderr
@@ -259,11 +270,11 @@ def test_partial_rerun_keeps_the_other_jobs_records(tmp_path: Path) -> None:
     b = ExportSpec("2", size_bytes=3000, pending_s=0.01, running_s=0.02, seed=2)
     with _sim(a, b) as sim:
         path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}, {"name": "b", "export_id": "2"}])
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 0
         (tmp_path / "out" / "a.ndjson").unlink()
-        assert run_cli("run", str(path), "--only", "a", env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(path), "--only", "a", env=cli_env(sim.url)).returncode == 0
         assert set(jobs_by_name(manifest(tmp_path / "out"))) == {"a", "b"}
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 0
         downloads = sum(sim.stats.downloads_completed.values())
     assert downloads == 3  # a twice (its file was deleted), b once
     assert_exact(tmp_path / "out", "a", a)

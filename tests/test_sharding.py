@@ -1,5 +1,9 @@
 """Tests for orchestrator.sharding: the partition, its stability, parsing and the environment;
-then end to end, the folder each shard writes into and a shard with nothing to do."""
+then end to end, the folder each shard writes into and a shard with nothing to do.
+
+Two shards started at once are two real processes (that is the point); the other commands run
+in this process (:func:`support.cli_in_process`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import TOKEN, cli_env, jobs_by_name, manifest, run_cli, start_cli, write_jobs
+from support import TOKEN, cli_env, cli_in_process, jobs_by_name, manifest, start_cli, write_jobs
 
 from orchestrator.config import parse_job_file
 from orchestrator.errors import ConfigError
@@ -209,7 +213,9 @@ def test_an_empty_shard_warns_and_succeeds_into_the_given_folder(tmp_path: Path)
     with _sim(ExportSpec("1")) as sim:
         path = write_jobs(tmp_path, [{"name": "only", "export_id": "1"}])
         given = tmp_path / "given"
-        done = run_cli("run", str(path), "--shard", f"{empty}/2", "--output-dir", str(given), env=cli_env(sim.url))
+        done = cli_in_process(
+            "run", str(path), "--shard", f"{empty}/2", "--output-dir", str(given), env=cli_env(sim.url)
+        )
         requests = sim.stats.total_requests
     assert done.returncode == 0, done.stderr
     assert f"shard {empty}/2 selects none of the 1 job(s)" in done.stderr
@@ -220,7 +226,8 @@ def test_an_empty_shard_warns_and_succeeds_into_the_given_folder(tmp_path: Path)
 
 def test_run_help_names_the_indexed_job_variables() -> None:
     """`run --help` tells where a shard comes from without --shard, and where it writes."""
-    done = run_cli("run", "--help", env=cli_env(None, token=None))
+    # 80 columns, as in a pipe: the help is wrapped the same whatever terminal runs the tests.
+    done = cli_in_process("run", "--help", env=cli_env(None, token=None, COLUMNS="80"))
     text = " ".join(done.stdout.split())
     assert SHARD_INDEX_ENV in text and SHARD_COUNT_ENV in text and "shard-I-of-N" in text
 

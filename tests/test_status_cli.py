@@ -1,7 +1,9 @@
 """`mics-export status [DIR]`: a run's summary from its manifest, exiting with the run's code.
 
-Runs are real (`mics-export run` against the simulator); status is the real CLI too, so the
-exit codes are what an alerting script sees.
+Runs are real (`mics-export run` against the simulator); status is the real CLI too, mostly in
+this process (:func:`support.cli_in_process`, the same exit code and output). Subprocesses stay
+where the process is the point: a run stopped by SIGTERM or killed with SIGKILL, and one
+`status` whose exit status is read from a separate process, as an alerting script reads it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 from support import (
     TOKEN,
     cli_env,
+    cli_in_process,
     jobs_by_name,
     manifest,
     read_manifest_if_any,
@@ -35,9 +38,10 @@ def _sim(*specs: ExportSpec) -> SimulatorThread:
     return SimulatorThread(SimulatorConfig(token=TOKEN, exports=specs))
 
 
-def status(*args: str) -> subprocess.CompletedProcess[str]:
-    """`mics-export status ARGS` with no token and no API URL (it needs neither)."""
-    return run_cli("status", *args, env=cli_env(None, token=None))
+def status(*args: str, process: bool = False) -> subprocess.CompletedProcess[str]:
+    """`mics-export status ARGS` with no token and no API URL (it needs neither); in a subprocess if ``process``."""
+    command = run_cli if process else cli_in_process
+    return command("status", *args, env=cli_env(None, token=None))
 
 
 def _recorded(out: Path) -> object:
@@ -54,7 +58,7 @@ def test_a_succeeded_run_exits_0_in_every_format(tmp_path: Path) -> None:
     """After a run that SUCCEEDED, status exits 0 and shows jobs and totals as table, TSV and JSON."""
     with _sim(GOOD) as sim:
         path = write_jobs(tmp_path, [{"name": "good", "export_id": "1"}])
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 0
     out = tmp_path / "out"
     table, tsv, as_json = status(str(out)), status(str(out), "--format", "tsv"), status(str(out), "--json")
     assert (table.returncode, tsv.returncode, as_json.returncode) == (0, 0, 0), table.stderr
@@ -76,7 +80,7 @@ def test_a_failed_run_exits_1(tmp_path: Path) -> None:
         path = write_jobs(
             tmp_path, [{"name": "good", "export_id": "1"}, {"name": "bad", "export_id": "2", "retries": 0}]
         )
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 1
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 1
     done = status(str(tmp_path / "out"))
     assert done.returncode == 1
     assert manifest(tmp_path / "out")["exit_code"] == 1
@@ -147,9 +151,9 @@ def test_exit_code_per_manifest_state(tmp_path: Path, fields: dict[str, object],
 
 
 def test_the_cli_exits_with_the_recorded_code(tmp_path: Path) -> None:
-    """The command's exit status is the report's code (here a recorded 130)."""
+    """The exit status of a separate `status` process is the report's code (here a recorded 130)."""
     _write(tmp_path / "run", status="INTERRUPTED", exit_code=130)
-    done = status(str(tmp_path / "run"), "--format", "tsv")
+    done = status(str(tmp_path / "run"), "--format", "tsv", process=True)
     assert done.returncode == 130 and done.stdout.splitlines()[0].startswith("job\tstatus")
 
 
