@@ -1,7 +1,10 @@
 """Runs into a bucket (issue 12): the CLI against the simulator, writing to moto (S3) and azurite (Azure).
 
-Every test runs the real ``mics-export`` in a subprocess with the standard cloud environment
-the fixtures set, and looks at the bucket behind obstore's back (boto3, azurite's REST API).
+Every test runs ``mics-export`` with the standard cloud environment the fixtures set, and
+looks at the bucket behind obstore's back (boto3, azurite's REST API). The runs that a signal
+or kill -9 stops, and ``download -o -`` writing to a real stdout, are subprocesses; the rest
+call the CLI's ``main()`` in this process (:func:`support.cli_in_process`: the same code, exit
+code and stderr).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from cloud import (
     moto_server_fixture,
     s3_fixture,
 )
-from support import FAST, FAST_API, TOKEN, cli_env, run_cli, start_cli, wait_for
+from support import FAST, FAST_API, TOKEN, cli_env, cli_in_process, start_cli, wait_for
 
 from orchestrator.config import load_job_file
 from orchestrator.simulator import ExportSpec, Faults, SimulatorConfig, SimulatorThread
@@ -99,7 +102,7 @@ def test_run_to_s3_is_byte_exact_and_a_rerun_skips_without_downloading(s3: S3Buc
     jobs = [{"name": "plain", "export_id": "1"}, {"name": "packed", "export_id": "2", "compression": "gzip"}]
     with _sim(plain, packed) as sim:
         path = _jobs(tmp_path, f"s3://{s3.bucket}/nightly/{{date}}", jobs)
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
         assert proc.returncode == 0, proc.stderr
         prefix = f"nightly/{datetime.now(UTC).date().isoformat()}"
         doc = _manifest(s3, prefix)
@@ -113,7 +116,7 @@ def test_run_to_s3_is_byte_exact_and_a_rerun_skips_without_downloading(s3: S3Buc
         downloads = sum(sim.stats.downloads_started.values())
         created = sum(sim.stats.executions_created.values())
 
-        again = run_cli("run", str(path), env=cli_env(sim.url))
+        again = cli_in_process("run", str(path), env=cli_env(sim.url))
         assert again.returncode == 0, again.stderr
         assert sum(sim.stats.downloads_started.values()) == downloads == 2
         assert sum(sim.stats.executions_created.values()) == created == 2
@@ -121,7 +124,7 @@ def test_run_to_s3_is_byte_exact_and_a_rerun_skips_without_downloading(s3: S3Buc
 
         # An object replaced behind the run's back (new ETag) is fetched again, from the same execution.
         s3.client.put_object(Bucket=s3.bucket, Key=f"{prefix}/plain.ndjson", Body=b"{}\n")
-        third = run_cli("run", str(path), env=cli_env(sim.url))
+        third = cli_in_process("run", str(path), env=cli_env(sim.url))
         assert third.returncode == 0, third.stderr
         assert sum(sim.stats.downloads_started.values()) == downloads + 1
         assert sum(sim.stats.executions_created.values()) == created
@@ -133,7 +136,7 @@ def test_run_to_azure_is_byte_exact(azure: AzureContainer, tmp_path: Path) -> No
     spec = ExportSpec("1", size_bytes=2 * MIB + 7, pending_s=0.01, running_s=0.02)
     with _sim(spec) as sim:
         path = _jobs(tmp_path, f"az://{azure.container}/out", [{"name": "a", "export_id": "1", "compression": "zstd"}])
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
         assert proc.returncode == 0, proc.stderr
         status, body = azure_request(azure.base, "GET", f"/{azure.container}/out/manifest.json")
         assert status == 200
@@ -146,7 +149,7 @@ def test_run_to_azure_is_byte_exact(azure: AzureContainer, tmp_path: Path) -> No
         assert hashlib.sha256(content).hexdigest() == spec.result().sha256() == entry["sha256"]
         assert entry["object_size"] == len(data)
         assert azure_request(azure.base, "GET", f"/{azure.container}/out/.lock")[0] == 404  # released
-        again = run_cli("run", str(path), env=cli_env(sim.url))
+        again = cli_in_process("run", str(path), env=cli_env(sim.url))
         assert again.returncode == 0, again.stderr
         assert sum(sim.stats.downloads_started.values()) == 1
 
@@ -160,7 +163,7 @@ def test_slow_upload_is_invisible_contended_and_aborted_by_sigterm(s3: S3Bucket,
         try:
             wait_for(s3.pending_uploads, timeout=30, what="a multipart upload in progress")
             assert _get(s3, "p/a.ndjson") is None  # not visible while it is written
-            second = run_cli("run", str(path), env=cli_env(sim.url))
+            second = cli_in_process("run", str(path), env=cli_env(sim.url))
             assert second.returncode == 2
             line = second.stderr.strip()
             assert "\n" not in line and "p/.lock is held by run" in line and "delete" in line, line
@@ -196,7 +199,7 @@ def test_kill_9_then_rerun_adopts_the_execution_and_restarts_the_upload(s3: S3Bu
             return bool((datetime.now(UTC) - head["LastModified"]).total_seconds() > 2.5)
 
         wait_for(lease_over, timeout=10, what="the dead run's lease to run out")
-        again = run_cli("run", str(path), env=env)
+        again = cli_in_process("run", str(path), env=env)
         assert again.returncode == 0, again.stderr
         assert "took over the stale lock" in again.stderr
         assert sim.stats.executions_created["1"] == 1
@@ -215,7 +218,7 @@ def test_a_stale_lock_is_taken_over(s3: S3Bucket, tmp_path: Path) -> None:
     spec = ExportSpec("1", size_bytes=1000, pending_s=0.01, running_s=0.02)
     with _sim(spec) as sim:
         path = _jobs(tmp_path, f"s3://{s3.bucket}/s", [{"name": "a", "export_id": "1"}])
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
     assert proc.returncode == 0, proc.stderr
     assert "took over the stale lock" in proc.stderr and "dead-run" in proc.stderr
     assert _get(s3, "s/.lock") is None
@@ -237,7 +240,7 @@ def test_an_unusable_bucket_fails_before_any_execution(
     spec = ExportSpec("1", size_bytes=1000, pending_s=0.01, running_s=0.02)
     with _sim(spec) as sim:
         path = _jobs(tmp_path, f"s3://{bucket}/x", [{"name": "a", "export_id": "1"}])
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
         created = sum(sim.stats.executions_created.values())
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
@@ -258,7 +261,7 @@ def test_download_command_to_stdout_gzip_file_and_bucket(s3: S3Bucket, tmp_path:
     result = spec.result()
     with _sim(spec) as sim:
         path = _jobs(tmp_path, str(tmp_path / "out"), [{"name": "a", "export_id": "1"}])
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 0
         execution = json.loads((tmp_path / "out" / "manifest.json").read_bytes())["jobs"][0]["execution_id"]
         env = cli_env(sim.url)
         to_stdout = subprocess.run(
@@ -268,14 +271,14 @@ def test_download_command_to_stdout_gzip_file_and_bucket(s3: S3Bucket, tmp_path:
         assert hashlib.sha256(to_stdout.stdout).hexdigest() == result.sha256()
         assert result.sha256() in to_stdout.stderr.decode()
 
-        gz = run_cli("download", "1", execution, "-o", str(tmp_path / "x.ndjson.gz"), env=env)
+        gz = cli_in_process("download", "1", execution, "-o", str(tmp_path / "x.ndjson.gz"), env=env)
         assert gz.returncode == 0, gz.stderr
         assert hashlib.sha256(gzip.decompress((tmp_path / "x.ndjson.gz").read_bytes())).hexdigest() == result.sha256()
 
-        refused = run_cli("download", "1", execution, "-o", str(tmp_path / "x.ndjson.gz.zst"), env=env)
+        refused = cli_in_process("download", "1", execution, "-o", str(tmp_path / "x.ndjson.gz.zst"), env=env)
         assert refused.returncode == 2 and "unsupported compression suffix" in refused.stderr
 
-        up = run_cli("download", "1", execution, "-o", f"s3://{s3.bucket}/ops/a.ndjson", env=env)
+        up = cli_in_process("download", "1", execution, "-o", f"s3://{s3.bucket}/ops/a.ndjson", env=env)
         assert up.returncode == 0, up.stderr
     assert hashlib.sha256(_get(s3, "ops/a.ndjson") or b"").hexdigest() == result.sha256()
     assert s3.pending_uploads() == []
@@ -286,16 +289,16 @@ def test_status_reads_the_manifest_from_the_bucket(s3: S3Bucket, tmp_path: Path)
     spec = ExportSpec("1", size_bytes=1000, pending_s=0.01, running_s=0.02)
     with _sim(spec) as sim:
         path = _jobs(tmp_path, f"s3://{s3.bucket}/st", [{"name": "a", "export_id": "1"}])
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 0
         # A shard writes its own prefix, as it writes its own folder locally.
-        sharded = run_cli("run", str(path), "--shard", "0/1", env=cli_env(sim.url))
+        sharded = cli_in_process("run", str(path), "--shard", "0/1", env=cli_env(sim.url))
         assert sharded.returncode == 0, sharded.stderr
     assert _manifest(s3, "st/shard-0-of-1") is not None
-    proc = run_cli("status", f"s3://{s3.bucket}/st", "--json", env=cli_env())
+    proc = cli_in_process("status", f"s3://{s3.bucket}/st", "--json", env=cli_env())
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["status"] == "SUCCEEDED" and doc["manifest"] == f"s3://{s3.bucket}/st/manifest.json"
-    missing = run_cli("status", f"s3://{s3.bucket}/nothing-here", env=cli_env())
+    missing = cli_in_process("status", f"s3://{s3.bucket}/nothing-here", env=cli_env())
     assert missing.returncode == 2 and "no manifest.json" in missing.stderr
 
 
@@ -353,7 +356,7 @@ def test_keep_days_deletes_only_old_dated_prefixes_in_the_bucket(s3: S3Bucket, t
         doc = yaml.safe_load(path.read_text())
         doc["run"]["keep_days"] = 7
         path.write_text(yaml.safe_dump(doc))
-        done = run_cli("run", str(path), env=cli_env(sim.url))
+        done = cli_in_process("run", str(path), env=cli_env(sim.url))
     assert done.returncode == 0, done.stderr
     keys = _keys(s3)
     assert not [k for k in keys if k.startswith(f"exports/{old}/")]

@@ -1,5 +1,8 @@
 """Data-quality guards: the pure verdicts of orchestrator/guards.py, then whole runs of the CLI
-against the simulator (each guard trips → FAILED, exit 1, ``.rejected`` file, no final name)."""
+against the simulator (each guard trips → FAILED, exit 1, ``.rejected`` file, no final name).
+
+The runs call the CLI's ``main()`` in this process (:func:`support.cli_in_process`: the same
+code, exit code and stderr); exit codes as a process sees them are tested in test_resilience."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 from conftest import TOKEN, fast_spec, sim_config
-from support import cli_env, content_sha256, jobs_by_name, manifest, run_cli, write_jobs
+from support import cli_env, cli_in_process, content_sha256, jobs_by_name, manifest, write_jobs
 
 from orchestrator.guards import (
     Limits,
@@ -157,7 +160,9 @@ def _sha256(path: Path) -> str:
 
 
 def _run(sim: SimulatorThread, jobs_file: Path, *args: str) -> tuple[int, str, dict[str, dict[str, Any]]]:
-    proc = run_cli("run", str(jobs_file), "--progress", "off", "--workers", "0", *args, env=cli_env(sim.url, TOKEN))
+    proc = cli_in_process(
+        "run", str(jobs_file), "--progress", "off", "--workers", "0", *args, env=cli_env(sim.url, TOKEN)
+    )
     assert "Traceback" not in proc.stderr and TOKEN not in proc.stderr
     out = jobs_file.parent / "out"
     if "--output-dir" in args:

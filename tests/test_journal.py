@@ -5,8 +5,8 @@ rewrites ``manifest.json`` whole only now and then; a reader replays the journal
 the manifest it names. Here: the replay rules (torn end, a journal naming an older
 manifest, damage in the middle), the writer's bytes for 2,000 jobs, and real ``kill -9``s
 of the CLI — at a moment chosen from outside, and inside a compaction on both sides of its
-rename — each followed by a rerun that adopts or skips every job and creates no execution
-twice.
+rename — each followed by a rerun (in this process: :func:`support.cli_in_process`) that
+adopts or skips every job and creates no execution twice.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import anyio
 import orjson
 import pytest
-from support import TOKEN, assert_exact, cli_env, leftovers, manifest, run_cli, wait_for, write_jobs
+from support import TOKEN, assert_exact, cli_env, cli_in_process, leftovers, manifest, wait_for, write_jobs
 
 from orchestrator.manifest import (
     JOURNAL_NAME,
@@ -248,13 +248,13 @@ KILLABLE = textwrap.dedent(
     main()
     """
 )
-JOBS = 120
+JOBS = 60
 
 
 def _specs() -> list[ExportSpec]:
     rng = random.Random(14)
     return [
-        ExportSpec(str(100 + i), size_bytes=2_000, seed=i, pending_s=0.0, running_s=rng.uniform(0.05, 0.8))
+        ExportSpec(str(100 + i), size_bytes=2_000, seed=i, pending_s=0.0, running_s=rng.uniform(0.05, 0.5))
         for i in range(JOBS)
     ]
 
@@ -285,7 +285,7 @@ def test_kill_9_at_any_moment_then_rerun_adopts_or_skips_every_job(tmp_path: Pat
     """kill -9 mid-run or mid-compaction: the rerun finishes every job exactly, no execution created twice."""
     specs = _specs()
     with SimulatorThread(SimulatorConfig(token=TOKEN, exports=tuple(specs))) as sim:
-        path = write_jobs(tmp_path, [{"name": f"j{i}", "export_id": s.id} for i, s in enumerate(specs)], concurrency=30)
+        path = write_jobs(tmp_path, [{"name": f"j{i}", "export_id": s.id} for i, s in enumerate(specs)], concurrency=15)
         out = tmp_path / "out"
         env = cli_env(sim.url)
         if kill != "from_outside":
@@ -304,7 +304,7 @@ def test_kill_9_at_any_moment_then_rerun_adopts_or_skips_every_job(tmp_path: Pat
         assert (out / JOURNAL_NAME).exists()
         created_before = dict(sim.stats.executions_created)
 
-        rerun = run_cli("run", str(path), "--workers", "0", env=cli_env(sim.url))
+        rerun = cli_in_process("run", str(path), "--workers", "0", env=cli_env(sim.url))
         created = dict(sim.stats.executions_created)
     assert rerun.returncode == 0, rerun.stderr
     assert all(n == 1 for n in created.values()) and len(created) == JOBS, "an execution was created twice"

@@ -8,7 +8,9 @@ manifest from an earlier run is moved aside with a warning, not silently ignored
 
 The disk-full cases use a real, small tmpfs (root and mount(2) needed; skipped otherwise):
 full of inodes to fail the next new file at a chosen moment while a growing file still
-grows, or full of pages so that the data fits and the manifest does not.
+grows, or full of pages so that the data fits and the manifest does not. The chosen moment
+is a wrapped method of the run (the part file just opened, the run's work just done), so
+the CLI's ``main()`` runs in this process (:func:`support.cli_in_process`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import logging
 import os
 import shutil
 import subprocess
-import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -29,12 +31,10 @@ from support import (
     TOKEN,
     assert_exact,
     cli_env,
+    cli_in_process,
     jobs_by_name,
     leftovers,
     manifest,
-    run_cli,
-    start_cli,
-    wait_for,
     write_jobs,
 )
 
@@ -211,7 +211,7 @@ def test_a_rerun_over_a_corrupt_manifest_says_so_and_cleans_up(tmp_path: Path) -
     (out / ".manifest.json.4242.tmp").write_bytes(b'{"half')
     with _sim(spec) as sim:
         path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
-        proc = run_cli("run", str(path), "--workers", "0", env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), "--workers", "0", env=cli_env(sim.url))
     assert proc.returncode == 0, proc.stderr
     assert "not a valid manifest" in proc.stderr and "moved aside to manifest.json.corrupt-" in proc.stderr
     assert ".manifest.json.4242.tmp" in proc.stderr  # the cleanup is logged
@@ -267,20 +267,30 @@ def _free_pages(folder: Path) -> int:
     return info.f_bavail
 
 
-def test_no_rename_after_a_record_that_could_not_be_written(tmp_path: Path, tmpfs: Callable[[str], Path]) -> None:
+def test_no_rename_after_a_record_that_could_not_be_written(
+    tmp_path: Path, tmpfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Out of inodes mid-download: the data fits, the record does not: no final file, exit 1; a rerun completes."""
+    from orchestrator.part_file import LocalTarget
+
     fs = tmpfs("size=8m,nr_inodes=64")
     out = fs / "out"
     spec = ExportSpec("1", size_bytes=200_000, pending_s=0.01, running_s=0.02)
-    with _sim(spec, faults=Faults(slow_body_bps=400_000)) as sim:
+    real_open = LocalTarget.open
+
+    async def open_then_fill(self: LocalTarget, resume: bool) -> int:
+        start = await real_open(self, resume)
+        if not (fs / "filler").exists():  # the first download only: the part file has its inode and grows;
+            fill_inodes(fs / "filler")  # no new file (a manifest temp) can be made from now on
+        return start
+
+    monkeypatch.setattr(LocalTarget, "open", open_then_fill)
+    with _sim(spec) as sim:
         path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
         args = ("run", str(path), "--output-dir", str(out), "--workers", "0")
-        proc = start_cli(*args, env=cli_env(sim.url))
-        wait_for(lambda: list(out.glob(".a.ndjson.*.part")), what="the download to start")
-        fill_inodes(fs / "filler")  # the part file still grows; no new file (a manifest temp) can be made
-        _, stderr = proc.communicate(timeout=60)
-        assert proc.returncode == 1, stderr
-        assert "Traceback" not in stderr and TOKEN not in stderr
+        proc = cli_in_process(*args, env=cli_env(sim.url))
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr and TOKEN not in proc.stderr
         assert not (out / "a.ndjson").exists()
         assert leftovers(out) == []
         # The removed part file gave its inode back: the last write could say what happened.
@@ -288,8 +298,9 @@ def test_no_rename_after_a_record_that_could_not_be_written(tmp_path: Path, tmpf
         assert entry["status"] == "FAILED" and "cannot write" in entry["error"], entry
         assert "No space left on device" in entry["error"]
 
+        monkeypatch.setattr(LocalTarget, "open", real_open)
         shutil.rmtree(fs / "filler")
-        rerun = run_cli(*args, env=cli_env(sim.url))
+        rerun = cli_in_process(*args, env=cli_env(sim.url))
     assert rerun.returncode == 0, rerun.stderr
     assert_exact(out, "a", spec)
 
@@ -311,7 +322,7 @@ def test_data_that_fits_with_a_manifest_that_does_not_fails_the_job(
     assert _free_pages(fs) == data_pages + 1
     with _sim(spec) as sim:
         path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
-        proc = run_cli("run", str(path), "--output-dir", str(out), "--workers", "0", env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), "--output-dir", str(out), "--workers", "0", env=cli_env(sim.url))
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (out / "a.ndjson").exists()
@@ -322,48 +333,28 @@ def test_data_that_fits_with_a_manifest_that_does_not_fails_the_job(
     assert "cannot write" in entry["error"] and "No space left on device" in entry["error"], entry
 
 
-BUG = textwrap.dedent(
-    """
-    # Test-only: fills the disk's inodes at one chosen moment (after every job is done and
-    # recorded, before the run's last manifest write), which no outside timing can hit.
-    import os
-    from pathlib import Path
-
-    fill = os.environ.pop("FILL_INODES_AT_END", None)
-    if fill:
-        import orchestrator.scheduler as scheduler
-
-        original = scheduler.Runner.run
-
-        async def run(self):
-            status = await original(self)
-            folder = Path(fill)
-            folder.mkdir()
-            n = 0
-            while True:
-                try:
-                    (folder / str(n)).touch()
-                except OSError:
-                    return status
-                n += 1
-
-        scheduler.Runner.run = run
-    """
-)
-
-
-def test_a_last_manifest_write_that_fails_is_not_exit_0(tmp_path: Path, tmpfs: Callable[[str], Path]) -> None:
+def test_a_last_manifest_write_that_fails_is_not_exit_0(
+    tmp_path: Path, tmpfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every job succeeded but the last manifest write hits a full disk: exit 1, the log says it is behind."""
+    from orchestrator.scheduler import Runner
+
     fs = tmpfs("size=8m,nr_inodes=64")
     out = fs / "out"
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(BUG)
+    real_run = Runner.run
+
+    async def run_then_fill(self: Runner) -> Any:
+        # After every job is done and recorded, before the run's last manifest write: a moment
+        # no outside timing can hit.
+        status = await real_run(self)
+        fill_inodes(fs / "filler")
+        return status
+
+    monkeypatch.setattr(Runner, "run", run_then_fill)
     spec = ExportSpec("1", size_bytes=20_000, pending_s=0.01, running_s=0.02)
     with _sim(spec) as sim:
         path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
-        env = cli_env(sim.url, PYTHONPATH=str(hook), FILL_INODES_AT_END=str(fs / "filler"))
-        proc = run_cli("run", str(path), "--output-dir", str(out), "--workers", "0", env=env)
+        proc = cli_in_process("run", str(path), "--output-dir", str(out), "--workers", "0", env=cli_env(sim.url))
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "behind" in proc.stderr and "No space left on device" in proc.stderr
@@ -381,7 +372,7 @@ def test_a_disk_full_from_the_start_sends_nothing(tmp_path: Path, tmpfs: Callabl
     fill_inodes(fs / "filler")
     with _sim(ExportSpec("1", size_bytes=1000)) as sim:
         path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
-        proc = run_cli("run", str(path), "--output-dir", str(out), "--workers", "0", env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), "--output-dir", str(out), "--workers", "0", env=cli_env(sim.url))
         requests = sim.stats.total_requests
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,4 +1,9 @@
-"""The line checker: counts that do not depend on how the bytes were chunked."""
+"""The line checker: counts that do not depend on how the bytes were chunked.
+
+The property through worker processes uses one pool for the whole module (starting two
+processes per hypothesis example cost seconds); each example gets its own checker on it,
+which is how concurrent downloads share the run's pool.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import mmap
 import subprocess
 import sys
 from array import array
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -23,7 +29,7 @@ from orchestrator.ndjson import (
     split_chunk,
 )
 from orchestrator.validate_worker import REQUEST, RESPONSE, serve
-from orchestrator.workers import validator_pool
+from orchestrator.workers import ValidatorPool, validator_pool
 
 LINES = st.lists(
     st.one_of(
@@ -141,17 +147,31 @@ def test_merge_offsets_line_numbers() -> None:
     assert first == LineStats(lines=15, blank_lines=1, invalid_lines=3, invalid_line_numbers=[4, 11, 15])
 
 
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    """asyncio, for the whole module: the shared pool below lives on one event loop."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def tiny_slot_pool() -> AsyncIterator[ValidatorPool]:
+    """Two worker processes with tiny slots (oversize batches too), shared by the module's examples."""
+    async with validator_pool(2, slot_bytes=64) as pool:
+        yield pool
+
+
 @pytest.mark.anyio
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=LINES, cuts=st.lists(st.integers(min_value=0), max_size=20))
-async def test_worker_pool_agrees_with_the_inline_checker(lines: list[bytes], cuts: list[int]) -> None:
+async def test_worker_pool_agrees_with_the_inline_checker(
+    tiny_slot_pool: ValidatorPool, lines: list[bytes], cuts: list[int]
+) -> None:
     """Batches validated by worker processes merge, in order, to exactly the inline result."""
     data = b"\n".join(line.replace(b"\n", b"") for line in lines)
-    async with validator_pool(2, slot_bytes=64) as pool:  # tiny slots: oversize batches too
-        checker = pool.checker()
-        for chunk in chunked(data, cuts):
-            await checker.feed(chunk)
-        assert await checker.finish() == reference(data)
+    checker = tiny_slot_pool.checker()
+    for chunk in chunked(data, cuts):
+        await checker.feed(chunk)
+    assert await checker.finish() == reference(data)
 
 
 @pytest.mark.anyio

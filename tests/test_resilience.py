@@ -1,13 +1,18 @@
 """Surviving the night: signals, kill -9, reruns, faults, bad input, secrets.
 
-Each test runs the real CLI in a subprocess against a simulator on a thread of the test
-process, and checks outputs byte for byte and the simulator's count of executions created.
+Each test runs the real CLI against a simulator on a thread of the test process, and checks
+outputs byte for byte and the simulator's count of executions created. What only a process
+shows (a signal, kill -9, a second run while the first holds the lock, exit 2 as a scheduler
+sees it) runs ``mics-export`` in a subprocess; the rest calls its ``main()`` in this process
+(:func:`support.cli_in_process`: the same code, exit code, stdout and stderr, ~10x faster).
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -16,6 +21,7 @@ from support import (
     TOKEN,
     assert_exact,
     cli_env,
+    cli_in_process,
     jobs_by_name,
     leftovers,
     manifest,
@@ -40,11 +46,8 @@ def _job_state(out: Path, name: str) -> dict[str, object] | None:
     return jobs_by_name(doc).get(name) if doc else None
 
 
-def _stop(proc: object, sig: int) -> tuple[int, float]:
+def _stop(proc: subprocess.Popen[str], sig: int) -> tuple[int, float]:
     """Send ``sig``; return the exit code and the seconds it took to exit."""
-    import subprocess
-
-    assert isinstance(proc, subprocess.Popen)
     started = time.monotonic()
     proc.send_signal(sig)
     code = proc.wait(timeout=15)
@@ -66,7 +69,7 @@ def test_signal_mid_poll_then_rerun_adopts_the_execution(tmp_path: Path, sig: in
         assert doc["status"] == "INTERRUPTED"
         first = jobs_by_name(doc)["slow"]
         assert first["status"] in ("PENDING", "RUNNING") and first["execution_id"]
-        rerun = run_cli("run", str(path), env=cli_env(sim.url))
+        rerun = cli_in_process("run", str(path), env=cli_env(sim.url))
         created = sim.stats.executions_created["1"]
     assert rerun.returncode == 0, rerun.stderr
     entry = assert_exact(out, "slow", slow)
@@ -88,7 +91,7 @@ def test_sigterm_mid_download_removes_the_temp_file_and_rerun_completes(tmp_path
         assert leftovers(out) == [] and not (out / "big.ndjson").exists()
         assert manifest(out)["status"] == "INTERRUPTED"
         assert jobs_by_name(manifest(out))["big"]["status"] == "DOWNLOADING"
-        rerun = run_cli("run", str(path), env=cli_env(sim.url))
+        rerun = cli_in_process("run", str(path), env=cli_env(sim.url))
         created = sim.stats.executions_created["1"]
     assert rerun.returncode == 0, rerun.stderr
     assert_exact(out, "big", big)
@@ -110,7 +113,7 @@ def test_kill_9_mid_download_then_rerun_resumes_with_range(tmp_path: Path) -> No
         proc.wait(timeout=10)
         kept = part.stat().st_size
         assert kept > 0 and not (out / "big.ndjson").exists()
-        rerun = run_cli("run", str(path), env=cli_env(sim.url))
+        rerun = cli_in_process("run", str(path), env=cli_env(sim.url))
         created = sim.stats.executions_created["1"]
         starts = [start for _, start in sim.stats.range_starts]
     assert rerun.returncode == 0, rerun.stderr
@@ -124,7 +127,7 @@ def test_lost_create_answer_is_found_not_duplicated(tmp_path: Path) -> None:
     """When the create-execution answer is lost, the tool finds the execution it made instead of making another."""
     spec = ExportSpec("1", size_bytes=10_000, pending_s=0.01, running_s=0.05)
     with _sim(spec, faults=Faults(lose_create_first_k=1)) as sim:
-        proc = run_cli("run", str(write_jobs(tmp_path, [{"name": "j", "export_id": "1"}])), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(write_jobs(tmp_path, [{"name": "j", "export_id": "1"}])), env=cli_env(sim.url))
         created, lost = sim.stats.executions_created["1"], sim.stats.faults["lost_create"]
     assert proc.returncode == 0, proc.stderr
     assert lost == 1 and created == 1
@@ -146,7 +149,7 @@ def test_429_5xx_and_resets_everywhere(tmp_path: Path, retry_after: float | None
             [{"name": f"j{s.id}", "export_id": s.id} for s in specs],
             api={"retries": {"max_tries": 12, "base_s": 0.005, "max_wait_s": 0.05, "max_time_s": 60}},
         )
-        proc = run_cli("run", str(path), "--log-format", "json", env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), "--log-format", "json", env=cli_env(sim.url))
         stats = sim.stats
     assert proc.returncode == 0, proc.stderr
     for s in specs:
@@ -162,7 +165,7 @@ def test_truncated_body_is_never_a_silent_short_file(tmp_path: Path) -> None:
     spec = ExportSpec("1", size_bytes=2 * MIB, pending_s=0.01, running_s=0.02)
     faults = Faults(reset_after_bytes=MIB // 2, reset_first_k=2, reset_mode="close")
     with _sim(spec, faults=faults) as sim:
-        proc = run_cli("run", str(write_jobs(tmp_path, [{"name": "t", "export_id": "1"}])), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(write_jobs(tmp_path, [{"name": "t", "export_id": "1"}])), env=cli_env(sim.url))
         starts = [start for _, start in sim.stats.range_starts]
     assert proc.returncode == 0, proc.stderr
     assert_exact(tmp_path / "out", "t", spec)
@@ -174,7 +177,7 @@ def test_server_ignoring_range_still_gives_exact_bytes(tmp_path: Path) -> None:
     spec = ExportSpec("1", size_bytes=2 * MIB, pending_s=0.01, running_s=0.02)
     faults = Faults(reset_after_bytes=700_000, reset_first_k=1, ignore_range=True)
     with _sim(spec, faults=faults) as sim:
-        proc = run_cli("run", str(write_jobs(tmp_path, [{"name": "r", "export_id": "1"}])), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(write_jobs(tmp_path, [{"name": "r", "export_id": "1"}])), env=cli_env(sim.url))
     assert proc.returncode == 0, proc.stderr
     assert_exact(tmp_path / "out", "r", spec)
 
@@ -190,7 +193,7 @@ def test_retries_exhausted_fail_that_job_only(tmp_path: Path) -> None:
             [{"name": "cursed", "export_id": "1"}, {"name": "fine", "export_id": "2"}],
             api={"retries": {"max_tries": 3, "base_s": 0.001, "max_wait_s": 0.01, "max_time_s": 10}},
         )
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
     assert proc.returncode == 1
     jobs = jobs_by_name(manifest(tmp_path / "out"))
     assert jobs["cursed"]["status"] == "FAILED"
@@ -212,7 +215,7 @@ def test_stall_is_reported_and_can_time_out(tmp_path: Path) -> None:
             ],
         )
         started = time.monotonic()
-        proc = run_cli("run", str(path), "--log-format", "json", env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), "--log-format", "json", env=cli_env(sim.url))
         took = time.monotonic() - started
     assert proc.returncode == 1
     jobs = jobs_by_name(manifest(tmp_path / "out"))
@@ -228,7 +231,7 @@ def test_wrong_token_stops_the_run_with_a_clear_message(tmp_path: Path) -> None:
     specs = [ExportSpec(str(i), size_bytes=100) for i in range(1, 6)]
     with _sim(*specs) as sim:
         path = write_jobs(tmp_path, [{"name": f"j{i}", "export_id": str(i)} for i in range(1, 6)], concurrency=1)
-        proc = run_cli("run", str(path), env=cli_env(sim.url, token="not-the-token"))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url, token="not-the-token"))
         requests = sim.stats.total_requests
     assert proc.returncode == 1
     assert "token" in proc.stderr and "401" in proc.stderr and "Traceback" not in proc.stderr
@@ -261,19 +264,40 @@ BAD_JOB_FILES = [
 ]
 
 
-@pytest.mark.parametrize(("text", "named"), BAD_JOB_FILES)
-def test_bad_job_files_exit_2_with_one_line_and_no_request(tmp_path: Path, text: str, named: str) -> None:
-    """Every job-file mistake: exit 2, one line naming the file and the problem, no traceback, no API call."""
-    path = tmp_path / "jobs.yaml"
-    path.write_text(text)
-    with _sim() as sim:
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
-        requests = sim.stats.total_requests
+@pytest.fixture(scope="module")
+def idle_sim() -> Iterator[SimulatorThread]:
+    """One simulator for the usage-error cases, which must send it nothing (each counts its requests)."""
+    with _sim(ExportSpec("1")) as sim:
+        yield sim
+
+
+def _bad_job_file_refused(proc: subprocess.CompletedProcess[str], path: Path, named: str) -> None:
+    """Exit 2 with one line naming the file and the problem, no traceback."""
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert str(path) in lines[0] and named in lines[0]
-    assert requests == 0
+
+
+@pytest.mark.parametrize(("text", "named"), BAD_JOB_FILES)
+def test_bad_job_files_exit_2_with_one_line_and_no_request(
+    tmp_path: Path, idle_sim: SimulatorThread, text: str, named: str
+) -> None:
+    """Every job-file mistake: exit 2, one line naming the file and the problem, no traceback, no API call."""
+    path = tmp_path / "jobs.yaml"
+    path.write_text(text)
+    requests = idle_sim.stats.total_requests
+    _bad_job_file_refused(cli_in_process("run", str(path), env=cli_env(idle_sim.url)), path, named)
+    assert idle_sim.stats.total_requests == requests
+
+
+def test_a_bad_job_file_exits_2_from_the_real_command(tmp_path: Path, idle_sim: SimulatorThread) -> None:
+    """The same refusal as a scheduler sees it: the `mics-export` process exits 2 with one line, sends nothing."""
+    path = tmp_path / "jobs.yaml"
+    path.write_text(BAD_JOB_FILES[2][0])
+    requests = idle_sim.stats.total_requests
+    _bad_job_file_refused(run_cli("run", str(path), env=cli_env(idle_sim.url)), path, BAD_JOB_FILES[2][1])
+    assert idle_sim.stats.total_requests == requests
 
 
 @pytest.mark.parametrize(
@@ -287,25 +311,23 @@ def test_bad_job_files_exit_2_with_one_line_and_no_request(tmp_path: Path, text:
         ["--log-format", "xml"],
     ],
 )
-def test_bad_command_lines_exit_2(tmp_path: Path, args: list[str]) -> None:
+def test_bad_command_lines_exit_2(tmp_path: Path, idle_sim: SimulatorThread, args: list[str]) -> None:
     """A bad command line exits 2 with a short message and no traceback, before any request."""
     path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
-    with _sim(ExportSpec("1")) as sim:
-        proc = run_cli("run", str(path), *args, env=cli_env(sim.url))
-        requests = sim.stats.total_requests
+    requests = idle_sim.stats.total_requests
+    proc = cli_in_process("run", str(path), *args, env=cli_env(idle_sim.url))
     assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr and requests == 0
+    assert "Traceback" not in proc.stderr and idle_sim.stats.total_requests == requests
 
 
-def test_missing_token_exits_2_before_any_request(tmp_path: Path) -> None:
+def test_missing_token_exits_2_before_any_request(tmp_path: Path, idle_sim: SimulatorThread) -> None:
     """No token in the environment: exit 2, one line naming the variable, nothing sent."""
     path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
-    with _sim(ExportSpec("1")) as sim:
-        proc = run_cli("run", str(path), env=cli_env(sim.url, token=None))
-        requests = sim.stats.total_requests
+    requests = idle_sim.stats.total_requests
+    proc = cli_in_process("run", str(path), env=cli_env(idle_sim.url, token=None))
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "MICS_API_TOKEN" in proc.stderr
-    assert requests == 0
+    assert idle_sim.stats.total_requests == requests
 
 
 def test_token_never_appears_anywhere_at_the_most_verbose_level(tmp_path: Path) -> None:
@@ -319,12 +341,13 @@ def test_token_never_appears_anywhere_at_the_most_verbose_level(tmp_path: Path) 
     with _sim(*specs, faults=faults) as sim:
         path = write_jobs(tmp_path, [{"name": f"j{s.id}", "export_id": s.id} for s in specs], defaults={"retries": 1})
         outputs = []
-        for log_format in ("text", "json"):
-            proc = run_cli("run", str(path), "-vv", "--log-format", log_format, env=cli_env(sim.url))
+        # Once as a real process (everything written to fd 1 and 2, whoever writes it), once in process.
+        for run, log_format in ((run_cli, "text"), (cli_in_process, "json")):
+            proc = run("run", str(path), "-vv", "--log-format", log_format, env=cli_env(sim.url))
             assert proc.returncode == 1
             outputs += [proc.stdout, proc.stderr]
         # A wrong-but-similar token must not be echoed either.
-        wrong = run_cli("run", str(path), "-vv", env=cli_env(sim.url, token=TOKEN + "-wrong"))
+        wrong = cli_in_process("run", str(path), "-vv", env=cli_env(sim.url, token=TOKEN + "-wrong"))
         outputs += [wrong.stdout, wrong.stderr]
     assert any("retrying" in o for o in outputs)  # the verbose paths really ran
     for text in outputs:
@@ -338,11 +361,11 @@ def test_adopted_execution_past_its_timeout_is_still_downloaded(tmp_path: Path) 
     spec = ExportSpec("1", size_bytes=50_000, pending_s=0.01, running_s=0.02)
     with _sim(spec) as sim:
         path = write_jobs(tmp_path, [{"name": "a", "export_id": "1", "timeout_s": 0.5}])
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 0
         done_at = time.time()
         (tmp_path / "out" / "a.ndjson").unlink()
         wait_for(lambda: time.time() > done_at + 0.6, what="the timeout to pass")
-        rerun = run_cli("run", str(path), env=cli_env(sim.url))
+        rerun = cli_in_process("run", str(path), env=cli_env(sim.url))
         created, cancels = sim.stats.executions_created["1"], sim.stats.cancels
     assert rerun.returncode == 0, rerun.stderr
     assert_exact(tmp_path / "out", "a", spec)
@@ -356,7 +379,7 @@ def test_a_local_file_error_fails_one_job_not_the_run(tmp_path: Path) -> None:
     with _sim(a, b) as sim:
         path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}, {"name": "b", "export_id": "2"}])
         (tmp_path / "out" / "a.ndjson").mkdir(parents=True)
-        proc = run_cli("run", str(path), env=cli_env(sim.url))
+        proc = cli_in_process("run", str(path), env=cli_env(sim.url))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     jobs = jobs_by_name(manifest(tmp_path / "out"))
     assert jobs["a"]["status"] == "FAILED" and "a.ndjson" in jobs["a"]["error"]
@@ -373,7 +396,7 @@ def test_two_runs_cannot_share_an_output_folder(tmp_path: Path) -> None:
         path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
         first = start_cli("run", str(path), env=cli_env(sim.url))
         wait_for(lambda: (_job_state(tmp_path / "out", "a") or {}).get("execution_id"), what="the first run")
-        second = run_cli("run", str(path), env=cli_env(sim.url))
+        second = cli_in_process("run", str(path), env=cli_env(sim.url))
         _stop(first, signal.SIGTERM)
         created = sim.stats.executions_created["1"]
     assert second.returncode == 2 and "another mics-export run" in second.stderr
@@ -384,7 +407,7 @@ def test_two_runs_cannot_share_an_output_folder(tmp_path: Path) -> None:
 def test_a_malformed_api_url_is_a_usage_error(tmp_path: Path, url: str) -> None:
     """A base URL without http(s) and a host exits 2 at once, naming where it came from."""
     path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
-    proc = run_cli("run", str(path), env=cli_env(url))
+    proc = cli_in_process("run", str(path), env=cli_env(url))
     assert proc.returncode == 2 and "MICS_API_URL" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
 
@@ -414,11 +437,11 @@ def test_a_complete_part_file_is_finished_without_downloading_again(tmp_path: Pa
     spec = ExportSpec("1", size_bytes=300_000, pending_s=0.01, running_s=0.02)
     with _sim(spec) as sim:
         path = write_jobs(tmp_path, [{"name": "a", "export_id": "1"}])
-        assert run_cli("run", str(path), env=cli_env(sim.url)).returncode == 0
+        assert cli_in_process("run", str(path), env=cli_env(sim.url)).returncode == 0
         out = tmp_path / "out"
         execution_id = jobs_by_name(manifest(out))["a"]["execution_id"]
         (out / "a.ndjson").rename(out / f".a.ndjson.{execution_id}.part")  # the state such a kill leaves
-        rerun = run_cli("run", str(path), env=cli_env(sim.url))
+        rerun = cli_in_process("run", str(path), env=cli_env(sim.url))
         bytes_served = sim.stats.bytes_served
     assert rerun.returncode == 0, rerun.stderr
     assert_exact(out, "a", spec)

@@ -1,5 +1,8 @@
 """Not paying the platform twice (reuse_within, adopting a SUCCEEDED execution after our own
-failure) and deadline-aware runs, end to end: the CLI against a SimulatorThread."""
+failure) and deadline-aware runs, end to end: the CLI against a SimulatorThread.
+
+The CLI's ``main()`` runs in this process (:func:`support.cli_in_process`: the same code, exit
+code and stderr); only SIGTERM against a deadline needs a real ``mics-export`` process."""
 
 from __future__ import annotations
 
@@ -12,7 +15,17 @@ from typing import Any
 
 import pytest
 from conftest import DATAMART, TOKEN, fast_spec, sim_config
-from support import assert_exact, cli_env, jobs_by_name, leftovers, manifest, run_cli, start_cli, wait_for, write_jobs
+from support import (
+    assert_exact,
+    cli_env,
+    cli_in_process,
+    jobs_by_name,
+    leftovers,
+    manifest,
+    start_cli,
+    wait_for,
+    write_jobs,
+)
 
 from orchestrator.simulator import SimulatorThread
 
@@ -37,7 +50,7 @@ def _today() -> str:
 
 
 def _run(sim: SimulatorThread, jobs_file: Path, out: Path, *args: str, **env: str) -> tuple[int, str, dict[str, Any]]:
-    proc = run_cli(
+    proc = cli_in_process(
         "run", str(jobs_file), "--progress", "off", "--workers", "0", "--output-dir", str(out), *args,
         env=cli_env(sim.url, TOKEN, **env),
     )  # fmt: skip
@@ -134,10 +147,10 @@ def test_run_stops_at_the_deadline_with_exit_124(sim: SimulatorThread, tmp_path:
 
     jobs_file = write_jobs(tmp_path, [{"name": "j", "export_id": SLOW_EXPORT, "timeout_s": 600}])
     started = time.monotonic()
-    code, stderr, doc = _run(sim, jobs_file, runs / "{date}", "--deadline", "2.5s", "-v")
+    code, stderr, doc = _run(sim, jobs_file, runs / "{date}", "--deadline", "1.5s", "-v")
     took = time.monotonic() - started
     assert code == 124, stderr
-    assert took < 10, f"the run took {took:.1f}s to stop at a 2.5s deadline"
+    assert took < 10, f"the run took {took:.1f}s to stop at a 1.5s deadline"
     assert doc["status"] == "INTERRUPTED" and doc["exit_code"] == 124
     entry = jobs_by_name(doc)["j"]
     assert entry["execution_id"] is not None and entry["status"] in ("PENDING", "RUNNING")
@@ -153,7 +166,7 @@ def test_deadline_option_is_checked(sim: SimulatorThread, tmp_path: Path) -> Non
     jobs_file = write_jobs(tmp_path, [{"name": "j", "export_id": FAST_EXPORT}])
     requests = sim.stats.total_requests
     for args, env in ((["--deadline", "soon"], {}), ([], {"MICS_DEADLINE_S": "-3"})):
-        proc = run_cli("run", str(jobs_file), *args, env=cli_env(sim.url, TOKEN, **env))
+        proc = cli_in_process("run", str(jobs_file), *args, env=cli_env(sim.url, TOKEN, **env))
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "deadline" in proc.stderr.lower()
     assert sim.stats.total_requests == requests

@@ -8,7 +8,8 @@ record. Here per-line orjson (`reference`) judges:
   ``MICS_VALIDATOR_DIFF_FULL=1`` for 1,000,000 (the figure quoted in the report);
 - every 2-line block of strings of up to 3 characters and every 3-line block of up to
   2 characters over ``[]{},:"1`` and space (the join trap lives there: ``[1,`` then ``2]``);
-- any chunking, in process (LineChecker) and through the worker pool (ValidatorPool);
+- any chunking, in process (LineChecker) and through the worker pool (ValidatorPool: one
+  pool for the module, a new checker on it per hypothesis example);
 - the seams of the fast path: depth, BOM, big numbers, bad UTF-8, surrogates, NUL, CRLF,
   blank lines, a last line without newline, anywhere in blocks of many parts.
 """
@@ -19,6 +20,7 @@ import itertools
 import mmap
 import os
 import random
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -27,7 +29,7 @@ from hypothesis import strategies as st
 
 from orchestrator.blockcheck import _lines_pass, has_line_over
 from orchestrator.ndjson import MAX_INVALID_LINE_NUMBERS, LineChecker, LineStats, check_block
-from orchestrator.workers import validator_pool
+from orchestrator.workers import ValidatorPool, validator_pool
 
 FULL = os.environ.get("MICS_VALIDATOR_DIFF_FULL") == "1"
 MUTATED = 1_000_000 if FULL else 200_000
@@ -239,17 +241,31 @@ def test_any_chunking_in_process(lines: list[bytes], newline: bool, cuts: list[i
     assert checker.finish() == reference(lines_of(data))
 
 
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    """asyncio, for the whole module: the shared pool below lives on one event loop."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def small_slot_pool() -> AsyncIterator[ValidatorPool]:
+    """Two worker processes with small slots (some batches are checked inline), shared by the examples."""
+    async with validator_pool(2, slot_bytes=256) as pool:
+        yield pool
+
+
 @pytest.mark.anyio
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=TRICKY, cuts=st.lists(st.integers(min_value=0), max_size=30))
-async def test_any_chunking_through_the_worker_pool(lines: list[bytes], cuts: list[int]) -> None:
+async def test_any_chunking_through_the_worker_pool(
+    small_slot_pool: ValidatorPool, lines: list[bytes], cuts: list[int]
+) -> None:
     """Worker processes validating the batches give the per-line orjson result, whatever the chunking."""
     data = b"\n".join(line.replace(b"\n", b"") for line in lines)
-    async with validator_pool(2, slot_bytes=256) as pool:  # small slots: some batches are checked inline
-        checker = pool.checker()
-        for chunk in chunked(data, cuts):
-            await checker.feed(chunk)
-        assert await checker.finish() == reference(lines_of(data))
+    checker = small_slot_pool.checker()
+    for chunk in chunked(data, cuts):
+        await checker.feed(chunk)
+    assert await checker.finish() == reference(lines_of(data))
 
 
 def test_one_big_block_split_into_parts() -> None:
