@@ -374,18 +374,26 @@ class JobFile(_Strict):
         return tuple(j for j in self.jobs if j.name in only)
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_]{1,60}")
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic location as ``a.b.0``; a key that is not a plain word (a user's unknown key
+    may hold a newline or be huge) is quoted and escaped, so the message stays one line."""
+    return ".".join(str(p) if isinstance(p, int) or _PLAIN_KEY.fullmatch(p) else _brief(p) for p in loc)
+
+
 def _loc(file: str, raw_jobs: Any, loc: tuple[int | str, ...]) -> str:
     """'FILE: job NAME: key' from a pydantic error location."""
-    parts = [str(p) for p in loc]
     if len(loc) >= 2 and loc[0] == "jobs" and isinstance(loc[1], int):
         index = loc[1]
         name = None
         if isinstance(raw_jobs, list) and index < len(raw_jobs) and isinstance(raw_jobs[index], dict):
             name = raw_jobs[index].get("name")
         who = f"job {_brief(name)}" if name else f"job #{index + 1}"
-        key = ".".join(parts[2:])
+        key = _key_path(loc[2:])
         return f"{file}: {who}" + (f": {key}" if key else "")
-    return f"{file}: " + ".".join(parts) if parts else file
+    return f"{file}: " + _key_path(loc) if loc else file
 
 
 def _message(err: Any) -> str:
@@ -414,7 +422,7 @@ def parse_job_file(data: Any, file: str = "<job file>") -> JobFile:
         Settings.model_validate(defaults)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise ConfigError(f"{file}: defaults.{'.'.join(map(str, err['loc']))}: {_message(err)}") from None
+        raise ConfigError(f"{file}: defaults.{_key_path(err['loc'])}: {_message(err)}") from None
     if "jobs" not in data:
         raise ConfigError(f"{file}: jobs: is required (a list of exports to run)")
     if not isinstance(raw_jobs, list) or not raw_jobs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,3 +67,12 @@ def test_select_only_keeps_file_order() -> None:
     assert [j.name for j in job_file.select(("c", "a"))] == ["a", "c"]
     with pytest.raises(ConfigError, match="zz"):
         job_file.select(("zz",))
+
+
+@pytest.mark.parametrize("section", ["defaults", "api", "run"])
+def test_an_unknown_key_with_a_newline_is_named_on_one_line(section: str) -> None:
+    """An unknown key holding a newline (found by hypothesis) is quoted and escaped: the error stays one line."""
+    data: dict[str, Any] = {"version": 1, "jobs": [{"name": "a", "export_id": "1"}], section: {"x\ny": 1}}
+    with pytest.raises(ConfigError) as caught:
+        parse_job_file(data, "j.yaml")
+    assert str(caught.value) == f"j.yaml: {section}.'x\\ny': unknown key"
