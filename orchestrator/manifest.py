@@ -30,6 +30,7 @@ benchmarks count manifest writes by patching this module's name. The names that 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -77,7 +78,7 @@ from orchestrator.record import (
 
 log = logging.getLogger("orchestrator.manifest")
 
-_STALE_TMP = re.compile(r"\.(?:manifest\.json|[A-Za-z0-9._-]+\.error\.txt)\.[0-9]+\.tmp")
+_STALE_TMP = re.compile(r"\.(?:manifest\.json|[A-Za-z0-9._-]+\.error\.txt)\.[0-9]+(?:-[0-9]+)?\.tmp")
 """The temporary files :func:`write_atomic` makes in an output folder (manifest and error
 files), which a killed run leaves behind."""
 
@@ -111,13 +112,19 @@ def remove_stale_temp_files(folder: Path) -> list[str]:
     return removed
 
 
+_TMP_SEQ = itertools.count()
+"""Numbers the temp files of :func:`write_atomic` (``next`` on it is atomic under the GIL)."""
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the folder.
 
     The temp file is opened without following symlinks and removed if anything fails,
     so a full disk leaves no half-written temp file behind.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Unique per write, not only per process: a write whose task was cancelled goes on in its
+    # worker thread, and a later write sharing its temp name would rename the other's file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_TMP_SEQ)}.tmp")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)  # one a killed process with our pid left (never a folder: that fails)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)

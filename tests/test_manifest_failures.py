@@ -16,10 +16,12 @@ the CLI's ``main()`` runs in this process (:func:`support.cli_in_process`).
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from support import (
     write_jobs,
 )
 
+import orchestrator.manifest as manifest_module
 from orchestrator.errors import MicsExportError
 from orchestrator.manifest import (
     MANIFEST_NAME,
@@ -122,14 +125,51 @@ async def test_the_flusher_survives_failures_and_remembers_the_manifest_is_behin
     assert (folder / MANIFEST_NAME).is_file()
 
 
-def test_write_atomic_does_not_follow_a_planted_temp_symlink(tmp_path: Path) -> None:
+def test_write_atomic_does_not_follow_a_planted_temp_symlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A symlink planted at the temp file's name is replaced, not written through: its target is untouched."""
     victim = tmp_path / "victim"
     victim.write_text("keep me")
-    (tmp_path / f".{MANIFEST_NAME}.{os.getpid()}.tmp").symlink_to(victim)
+    monkeypatch.setattr(manifest_module, "_TMP_SEQ", itertools.count(7))  # so the next temp name is known
+    (tmp_path / f".{MANIFEST_NAME}.{os.getpid()}-7.tmp").symlink_to(victim)
     write_atomic(tmp_path / MANIFEST_NAME, b"{}")
     assert victim.read_text() == "keep me"
     assert (tmp_path / MANIFEST_NAME).read_bytes() == b"{}" and _tmps(tmp_path) == []
+
+
+def test_a_write_left_running_by_a_cancel_never_renames_a_later_writes_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two writes of one manifest at once (a cancelled write goes on in its thread): each renames its own temp file."""
+    path = tmp_path / MANIFEST_NAME
+    first_synced, second_written, release_first = threading.Event(), threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if threading.current_thread().name == "first":
+            real_fsync(fd)
+            first_synced.set()
+            release_first.wait(10)  # the first write stops between its fsync and its rename
+        elif threading.current_thread().name == "second" and not second_written.is_set():
+            second_written.set()  # the second stops after writing, before its own fsync
+            assert release_first.wait(10)
+            first.join(10)  # the first has renamed its file before this one goes on
+            real_fsync(fd)
+        else:
+            real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    first = threading.Thread(target=write_atomic, args=(path, b'{"write": 1}'), name="first")
+    second = threading.Thread(target=write_atomic, args=(path, b'{"write": 2}'), name="second")
+    first.start()
+    assert first_synced.wait(10)
+    second.start()
+    assert second_written.wait(10)
+    release_first.set()  # the first renames now, while the second's temp file is not yet synced
+    first.join(10)
+    assert path.read_bytes() == b'{"write": 1}'  # its own bytes, not the second's unsynced file
+    second.join(10)
+    assert path.read_bytes() == b'{"write": 2}'
+    assert _tmps(tmp_path) == []
 
 
 def test_only_our_stale_temp_files_are_removed(tmp_path: Path) -> None:
