@@ -31,6 +31,14 @@ FAST_FAULTS = Faults(retry_after_s=0.01)
 """No faults, and a tiny Retry-After should a test turn 429s on."""
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests marked ``xdist_group("cloud")`` share one xdist worker, so moto and azurite start
+    once per run instead of once per worker (a few seconds each); without xdist the mark is inert."""
+    config.addinivalue_line("markers", "xdist_group(name): run in one xdist worker (pytest-xdist's loadgroup)")
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     """Run async tests on asyncio (the only backend the product uses)."""

@@ -11,7 +11,9 @@ queue feeding one writer thread that compresses), not private names of the packa
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import os
 import pty
 import resource
@@ -19,6 +21,7 @@ import select
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
 import zlib
@@ -36,6 +39,7 @@ from support import TOKEN, assert_exact, cli_env, jobs_by_name, leftovers, manif
 
 import orchestrator
 from orchestrator import JobStatus
+from orchestrator.validate_worker import REQUEST
 
 
 @pytest.fixture(autouse=True)
@@ -219,6 +223,17 @@ def _worker_processes() -> list[int]:
     return pids
 
 
+def _unread_bytes(pipe: str) -> int:
+    """Bytes waiting in a pipe (FIONREAD on a second read end opened through /proc: nothing is consumed)."""
+    fd = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        count = array.array("i", [0])
+        fcntl.ioctl(fd, termios.FIONREAD, count, True)
+        return count[0]
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.anyio
 async def test_a_killed_validation_worker_fails_the_download_it_held(tmp_path: Path) -> None:
     """The only validation worker is stopped, holds a batch of the download, then is killed (an
@@ -237,10 +252,10 @@ async def test_a_killed_validation_worker_fails_the_download_it_held(tmp_path: P
             (pid,) = await wait_until(worker, what="the validation worker")
             os.kill(pid, signal.SIGSTOP)  # it takes the download's batches and never answers
 
-            async def writing() -> bool:  # chunks reach the writer only after their batch was sent
-                return any(p.stat().st_size > 0 for p in out.glob(".held.ndjson.*.part"))
+            async def sent() -> bool:  # a request waits, unread, on the stopped worker's stdin
+                return _unread_bytes(f"/proc/{pid}/fd/0") >= REQUEST.size
 
-            await wait_until(writing, what="the download to send a batch")
+            await wait_until(sent, what="the download to send a batch")
             os.kill(pid, signal.SIGKILL)
 
         async with anyio.create_task_group() as tg:

@@ -38,6 +38,8 @@ __all__ = ["azure_fixture", "azurite_fixture", "moto_server_fixture", "s3_fixtur
 
 MIB = 1 << 20
 
+pytestmark = pytest.mark.xdist_group("cloud")  # one moto/azurite per run, shared with test_objstore
+
 
 def _sim(*specs: ExportSpec, **faults: Any) -> SimulatorThread:
     return SimulatorThread(SimulatorConfig(token=TOKEN, exports=specs, faults=Faults(**faults)))

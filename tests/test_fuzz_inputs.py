@@ -460,6 +460,7 @@ def test_no_secret_anywhere_at_vv_with_a_refused_bucket(
     assert sum(sim.stats.executions_created.values()) == 0
 
 
+@pytest.mark.xdist_group("cloud")
 def test_no_secret_anywhere_at_vv_in_a_bucket_run(tmp_path: Path, sim: SimulatorThread, s3: S3Bucket) -> None:
     """A whole run at -vv (library debug on) into a bucket: no token or secret key in stderr, objects or manifest."""
     jobs = write_jobs(tmp_path, [GOOD_JOB])

@@ -46,7 +46,7 @@ from orchestrator.objstore import (
     upload,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("cloud")]  # one moto/azurite per run
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024
