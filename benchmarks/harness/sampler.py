@@ -35,7 +35,7 @@ class ProcSampler(threading.Thread):
     ) -> None:
         super().__init__(daemon=True)
         # Imported here: psutil is in the bench extra, and only the sampling scripts need it.
-        import psutil  # type: ignore[import-untyped]
+        import psutil
 
         self._psutil: Any = psutil
         self.pss = pss
