@@ -151,7 +151,11 @@ class Runner:
             with self._stop:
                 async with anyio.create_task_group() as tg:
                     for job in self.jobs:
-                        tg.start_soon(self._job, job)
+                        # A job's task starts once it has its slot: 10,000 jobs are then 200
+                        # tasks at a time, not 10,000 tasks queued on the limiter (memory).
+                        slot = object()
+                        await self.limiter.acquire_on_behalf_of(slot)
+                        tg.start_soon(self._job, job, slot)
             flushing.cancel_scope.cancel()
         if self.auth_error is not None:
             needs = [
@@ -163,13 +167,14 @@ class Runner:
         ok = all(self.manifest.jobs[j.name].status is JobStatus.SUCCEEDED for j in self.jobs)
         return RunStatus.SUCCEEDED if ok else RunStatus.FAILED
 
-    async def _job(self, job: Job) -> None:
+    async def _job(self, job: Job, slot: object) -> None:
+        """One job, holding ``slot`` of the limiter (acquired for it by :meth:`run`) until it ends."""
         jl = JobLog(log, {"job": job.name, "export_id": job.export_id, "execution_id": None})
         # Lines the client, the stream and the models log for this job (a retry, a resume,
         # an unknown status) carry its fields too. Each job is its own task, with its own
         # copy of the context, so the binding ends with the task.
         bind_job(lambda: jl.extra)
-        async with self.limiter:
+        try:
             rec = self.manifest.jobs[job.name]
             try:
                 resolved = await self._resolve(job, rec, jl)
@@ -193,6 +198,8 @@ class Runner:
                 await self._fail(rec, jl, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
             if rec.status.is_final:
                 await self.writer.persist(rec.finished())
+        finally:
+            self.limiter.release_on_behalf_of(slot)
 
     async def _resolve(self, job: Job, rec: JobRecord, jl: JobLog) -> JobRecord | None:
         """The record to run the job with, or None when its complete file is kept (skipped)."""
