@@ -29,6 +29,9 @@ Local folders only: an output root in a bucket finds no earlier run here (guards
 with the first-run note); :meth:`RunHistory.earlier` is the place to add a sink's lookup.
 
 Nothing here talks to the API; the only I/O is reading earlier manifests.
+
+A little over ~350 lines: the guards' settings, their verdicts and the history they are
+judged against are one decision, read together.
 """
 
 from __future__ import annotations
