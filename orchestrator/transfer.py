@@ -123,6 +123,19 @@ class Output(Protocol):
     def close(self) -> None: ...
 
 
+def _write_chunk(out: Output, compressor: _Compressor | None, digest: Any, chunk: bytes) -> None:
+    """One chunk of the file: hashed as served, compressed if asked, written (in a writer thread)."""
+    digest.update(chunk)
+    out.write(compressor.compress(chunk) if compressor else chunk)
+
+
+def _finish(out: Output, compressor: _Compressor | None) -> None:
+    """The end of the file: the compressor's tail, then the output's own finish (flush, fsync)."""
+    if compressor is not None:
+        out.write(compressor.flush())
+    out.finish()
+
+
 class _FileWriter:
     """One thread that hashes, compresses and writes, fed through a bounded queue.
 
@@ -143,18 +156,14 @@ class _FileWriter:
         self._thread.start()
 
     def _run(self) -> None:
-        write = self._out.write  # a bound method: the local path stays one plain file write per chunk
         try:
             while (item := self._queue.get()) is not _STOP:
                 if self._aborted or self._error is not None:
                     continue  # drain, so that a blocked producer wakes up
                 assert isinstance(item, bytes)
-                self._digest.update(item)
-                write(self._compressor.compress(item) if self._compressor else item)
+                _write_chunk(self._out, self._compressor, self._digest, item)
             if not self._aborted and self._error is None:
-                if self._compressor is not None:
-                    write(self._compressor.flush())
-                self._out.finish()
+                _finish(self._out, self._compressor)
         except BaseException as exc:  # reported to the event loop by put() / close()
             self._error = exc
             with contextlib.suppress(queue.Empty):
@@ -258,12 +267,9 @@ class _Writer:
             for chunk in held:
                 if self._aborted:
                     break
-                self._digest.update(chunk)
-                out.write(self._compressor.compress(chunk) if self._compressor else chunk)
+                _write_chunk(out, self._compressor, self._digest, chunk)
             else:
-                if self._compressor is not None:
-                    out.write(self._compressor.flush())
-                out.finish()
+                _finish(out, self._compressor)
         except BaseException:
             with contextlib.suppress(Exception):
                 out.close()

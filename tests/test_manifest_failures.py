@@ -97,11 +97,19 @@ def test_the_last_write_raises_when_the_folder_is_a_file(tmp_path: Path) -> None
 
 @pytest.mark.anyio
 async def test_the_flusher_survives_failures_and_remembers_the_manifest_is_behind(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A marked change that cannot be flushed: no crash, one error logged, behind set until a later write succeeds."""
     import anyio
 
+    attempts: list[Path] = []
+    real_write = manifest_module.write_atomic
+
+    def counted_write(path: Path, data: bytes) -> None:
+        attempts.append(path)
+        real_write(path, data)
+
+    monkeypatch.setattr(manifest_module, "write_atomic", counted_write)
     folder = tmp_path / "gone"
     writer = ManifestWriter(Manifest(), folder / MANIFEST_NAME, flush_interval_s=0.005)
     caplog.set_level(logging.ERROR, "orchestrator.manifest")
@@ -113,7 +121,12 @@ async def test_the_flusher_survives_failures_and_remembers_the_manifest_is_behin
             return writer.behind and len(caplog.records) == 1 and writer._written == 0
 
         await wait_until(behind_for_a_while, what="a failed flush")
-        await anyio.sleep(0.03)  # several more failing ticks: still one line, still no crash
+        failed = len(attempts)
+
+        async def more_failures() -> bool:
+            return len(attempts) >= failed + 3
+
+        await wait_until(more_failures, what="three more failing flushes")  # still one line, no crash
         assert len(caplog.records) == 1 and writer.required_failures == 0
         folder.mkdir()
 

@@ -24,7 +24,7 @@ import orjson
 import pytest
 import requests
 from conftest import ORG, TOKEN, fast_spec, sim_config
-from support import cli_in_process
+from support import cli_in_process, wait_for
 
 from orchestrator.simulator import Faults, SimulatorThread
 
@@ -63,17 +63,21 @@ def new_execution(sim: SimulatorThread, export_id: str) -> str:
     return execution_id
 
 
-def wait_succeeded(sim: SimulatorThread, export_id: str, execution_id: str, timeout_s: float = 10.0) -> None:
-    """Poll the executions list until this one is SUCCEEDED (fail at the deadline)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+def wait_final(sim: SimulatorThread, export_id: str, execution_id: str) -> str:
+    """Poll the executions list until this one is final (fail after 10 s); its status."""
+
+    def final() -> str | None:
         items = api(sim, "GET", f"/v1/exports/{export_id}/executions", params={"max_results": 100})["data"]
-        status = next(e["status"] for e in items if e["id"] == execution_id)
-        if status == "SUCCEEDED":
-            return
-        assert status in ("PENDING", "RUNNING"), status
-        time.sleep(0.01)
-    pytest.fail(f"execution {execution_id} did not succeed within {timeout_s}s")
+        status: str = next(e["status"] for e in items if e["id"] == execution_id)
+        return None if status in ("PENDING", "RUNNING") else status
+
+    status: str = wait_for(final, timeout=10, what=f"execution {execution_id} to end")
+    return status
+
+
+def wait_succeeded(sim: SimulatorThread, export_id: str, execution_id: str) -> None:
+    """Poll until this execution is final, and check that it SUCCEEDED."""
+    assert wait_final(sim, export_id, execution_id) == "SUCCEEDED"
 
 
 def one_line(text: str) -> str:
@@ -416,24 +420,12 @@ def test_validate_check_queries_without_token_does_not_offer_simulate(tmp_path: 
     assert "MICS_API_TOKEN" in line and "--simulate" not in line and "mics-export simulate" in line
 
 
-def _wait_final(sim: SimulatorThread, export_id: str, execution_id: str, timeout_s: float = 10.0) -> str:
-    """Poll the executions list until this one is final; its status."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        items = api(sim, "GET", f"/v1/exports/{export_id}/executions", params={"max_results": 100})["data"]
-        status: str = next(e["status"] for e in items if e["id"] == execution_id)
-        if status not in ("PENDING", "RUNNING"):
-            return status
-        time.sleep(0.01)
-    raise AssertionError("the execution did not end")
-
-
 def test_downloading_a_failed_execution_says_so_and_offers_its_error_file(tmp_path: Path) -> None:
     """A FAILED execution's download is one line naming FAILED and --error-file; --error-file fetches it."""
     spec = fast_spec("9879", always_fail=True)
     with SimulatorThread(sim_config(spec)) as sim:
         execution_id = new_execution(sim, "9879")
-        assert _wait_final(sim, "9879", execution_id) == "FAILED"
+        assert wait_final(sim, "9879", execution_id) == "FAILED"
         out = tmp_path / "result.ndjson"
         refused = cli(sim, "download", "9879", execution_id, "-o", str(out))
         fetched = cli(sim, "download", "9879", execution_id, "--error-file", "-o", str(tmp_path / "err.txt"))
