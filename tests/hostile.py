@@ -35,6 +35,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import orjson
+from support import TOKEN
+
+from orchestrator.simulator import ExportSpec, SimulatorConfig, SimulatorThread
 
 Framing = Literal["length", "chunked", "close"]
 
@@ -377,20 +380,16 @@ class HostileThread:
             raise AssertionError(f"the hostile handler failed: {self.server.errors[0]!r}")
 
 
-def small_spec(export_id: str, **kw: Any) -> Any:
+def small_spec(export_id: str, **kw: Any) -> ExportSpec:
     """An export whose executions last milliseconds and whose 20 kB file is seeded by its id."""
-    from orchestrator.simulator import ExportSpec
-
     values: dict[str, Any] = {"size_bytes": 20_000, "pending_s": 0.01, "running_s": 0.02, "seed": int(export_id)}
     values.update(kw)
     return ExportSpec(export_id, **values)
 
 
 @contextlib.contextmanager
-def scene(handler: Handler, *specs: Any, token: str) -> Iterator[tuple[Any, HostileThread]]:
+def scene(handler: Handler, *specs: ExportSpec, token: str = TOKEN) -> Iterator[tuple[SimulatorThread, HostileThread]]:
     """A simulator serving ``specs`` (accepting ``token``) behind a hostile proxy answering through ``handler``."""
-    from orchestrator.simulator import SimulatorConfig, SimulatorThread
-
     with (
         SimulatorThread(SimulatorConfig(token=token, exports=specs)) as sim,
         HostileThread(sim.url, handler) as proxy,

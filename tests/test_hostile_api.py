@@ -12,7 +12,6 @@ others do meanwhile.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import subprocess
 import time
@@ -42,21 +41,9 @@ from hostile import (
 from support import TOKEN, assert_exact, cli_env, cli_in_process, jobs_by_name, leftovers, manifest, run_cli, write_jobs
 
 from orchestrator.context import bind_job
-from orchestrator.simulator import ExportSpec, SimulatorThread
 
 PREFIX = TOKEN[:8]
 """The token's first characters: an error cut at the wrong place would leak these."""
-
-
-def _spec(export_id: str, **kw: Any) -> ExportSpec:
-    spec: ExportSpec = small_spec(export_id, **kw)
-    return spec
-
-
-def _scene(
-    handler: Handler, *specs: ExportSpec
-) -> contextlib.AbstractContextManager[tuple[SimulatorThread, HostileThread]]:
-    return scene(handler, *specs, token=TOKEN)
 
 
 def _run(
@@ -119,9 +106,9 @@ async def _same_exports_page(req: Request, forward: Forward) -> Wire:
 
 def test_an_export_lookup_that_repeats_its_page_fails_that_job_only(tmp_path: Path) -> None:
     """A query job whose exports list ignores first_result fails after 2 pages, saying why; the other job succeeds."""
-    plain = _spec("7")
+    plain = small_spec("7")
     handler = _chain((lambda r: r.method == "GET" and r.path == "/v1/exports", _same_exports_page))
-    with _scene(handler, plain) as (sim, proxy):
+    with scene(handler, plain) as (sim, proxy):
         jobs: list[dict[str, Any]] = [
             {"name": "q", "query": {"datamart_id": "1509", "text": "SELECT {id} FROM UserPoint"}},
             {"name": "plain", "export_id": "7"},
@@ -139,7 +126,7 @@ def test_an_export_lookup_that_repeats_its_page_fails_that_job_only(tmp_path: Pa
 
 def test_exports_list_that_repeats_its_page_ends_with_one_line() -> None:
     """`exports list` against a list that ignores first_result exits 1 with one line after 2 pages."""
-    with _scene(_chain((lambda r: r.path == "/v1/exports", _same_exports_page))) as (_sim, proxy):
+    with scene(_chain((lambda r: r.path == "/v1/exports", _same_exports_page))) as (_sim, proxy):
         proc = run_cli("exports", "list", "--organisation-id", "1426", env=cli_env(proxy.url), timeout=30)
         lists = proxy.count(lambda r: r.path == "/v1/exports")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and TOKEN not in proc.stderr
@@ -155,7 +142,7 @@ def test_a_poll_whose_list_repeats_its_page_fails_that_job(tmp_path: Path) -> No
         items = [{"id": f"9{i}", "status": "RUNNING"} for i in range(10)]
         return json_wire(200, {"status": "ok", "data": items, "total": 500, "first_result": 0, "max_results": 10})
 
-    with _scene(_chain((is_executions_list, other_executions)), _spec("1")) as (sim, proxy):
+    with scene(_chain((is_executions_list, other_executions)), small_spec("1")) as (sim, proxy):
         proc = _run(tmp_path, proxy, [{"name": "j", "export_id": "1"}])
         lists = proxy.count(is_executions_list)
         created = sim.stats.executions_created["1"]
@@ -175,7 +162,7 @@ async def _trickle(req: Request, forward: Forward) -> Wire:
 
 def test_a_trickling_error_file_does_not_outlive_the_deadline(tmp_path: Path) -> None:
     """A FAILED execution whose error file trickles at 1 byte/s ends its job within timeout_s=2, not minutes later."""
-    with _scene(_chain((is_error_file, _trickle)), _spec("1", always_fail=True)) as (sim, proxy):
+    with scene(_chain((is_error_file, _trickle)), small_spec("1", always_fail=True)) as (sim, proxy):
         started = time.monotonic()
         proc = _run(tmp_path, proxy, [{"name": "bad", "export_id": "1", "timeout_s": 2, "retries": 0}])
         elapsed = time.monotonic() - started
@@ -198,7 +185,7 @@ def test_lookups_that_trickle_end_at_the_deadline(tmp_path: Path) -> None:
         (_for_export("2", is_create), gateway_timeout),
         (_for_export("2", is_executions_list), _trickle),
     )
-    with _scene(handler, _spec("2")) as (_sim, proxy):
+    with scene(handler, small_spec("2")) as (_sim, proxy):
         started = time.monotonic()
         jobs = [
             {"name": "q", "query": {"datamart_id": "1509", "text": "SELECT {id} FROM UserPoint"}, "timeout_s": 2},
@@ -231,7 +218,7 @@ async def _created_then_null(req: Request, forward: Forward) -> Wire:
 @pytest.mark.parametrize("answer", [_created_then_504, _created_then_reset, _created_then_null])
 def test_a_create_with_an_unknown_outcome_is_found_not_repeated(tmp_path: Path, answer: Handler) -> None:
     """A create that made the execution but answered 504, a reset or data: null is found: one execution, exact file."""
-    spec = _spec("1")
+    spec = small_spec("1")
     once = {"done": False}
 
     async def first_create(req: Request, forward: Forward) -> Wire:
@@ -240,7 +227,7 @@ def test_a_create_with_an_unknown_outcome_is_found_not_repeated(tmp_path: Path, 
         once["done"] = True
         return await answer(req, forward)
 
-    with _scene(_chain((is_create, first_create)), spec) as (sim, proxy):
+    with scene(_chain((is_create, first_create)), spec) as (sim, proxy):
         proc = _run(tmp_path, proxy, [{"name": "j", "export_id": "1"}])
         created, posts = sim.stats.executions_created["1"], proxy.count(is_create)
     entries = _clean(proc, tmp_path / "out", 0)
@@ -268,8 +255,8 @@ def test_loose_and_malformed_answers_fail_only_their_jobs(tmp_path: Path) -> Non
         (_for_export("2", is_executions_list), _rewrite_list(drop_ids, lambda r: True)),
         (_for_export("3", is_executions_list), _rewrite_list(as_object, lambda r: True)),
     )
-    specs = [_spec("1"), _spec("2"), _spec("3"), _spec("4")]
-    with _scene(handler, *specs) as (sim, proxy):
+    specs = [small_spec("1"), small_spec("2"), small_spec("3"), small_spec("4")]
+    with scene(handler, *specs) as (sim, proxy):
         jobs = [{"name": f"j{s.id}", "export_id": s.id} for s in specs]
         proc = _run(tmp_path, proxy, jobs)
         created = dict(sim.stats.executions_created)
@@ -313,8 +300,8 @@ def test_errors_show_the_platform_error_codes_and_never_the_token(tmp_path: Path
         (_for_export("2", is_create), refused),
         (_for_export("3", is_executions_list), gateway_echo),
     )
-    specs = [_spec("1", always_fail=True), _spec("2"), _spec("3")]
-    with _scene(handler, *specs) as (_sim, proxy):
+    specs = [small_spec("1", always_fail=True), small_spec("2"), small_spec("3")]
+    with scene(handler, *specs) as (_sim, proxy):
         jobs: list[dict[str, Any]] = [
             {"name": "failed", "export_id": "1", "retries": 0},
             {"name": "refused", "export_id": "2"},
@@ -334,7 +321,7 @@ def test_errors_show_the_platform_error_codes_and_never_the_token(tmp_path: Path
 # -- item 17: records and log lines -------------------------------------------------------------
 def test_a_failed_rename_leaves_no_sha256_in_the_record(tmp_path: Path) -> None:
     """When the rename after record() fails (a folder at the name), the FAILED record keeps no sha256, path or size."""
-    with _scene(passthrough, _spec("1")) as (_sim, proxy):
+    with scene(passthrough, small_spec("1")) as (_sim, proxy):
         (tmp_path / "out" / "a.ndjson").mkdir(parents=True)
         proc = _run(tmp_path, proxy, [{"name": "a", "export_id": "1"}])
     entry = _clean(proc, tmp_path / "out", 1)["a"]
@@ -344,7 +331,7 @@ def test_a_failed_rename_leaves_no_sha256_in_the_record(tmp_path: Path) -> None:
 
 def test_retry_resume_and_unknown_status_lines_name_their_job(tmp_path: Path) -> None:
     """In JSON logs, the client's retry, the stream's resume and the unknown-status warning carry job, not null."""
-    spec = _spec("1", size_bytes=60_000)
+    spec = small_spec("1", size_bytes=60_000)
     seen = {"list": 0, "download": 0}
 
     async def flaky(req: Request, forward: Forward) -> Wire:
@@ -363,7 +350,7 @@ def test_retry_resume_and_unknown_status_lines_name_their_job(tmp_path: Path) ->
             return reply.wire(cut_at=5_000) if seen["download"] == 1 else reply.wire()
         return await passthrough(req, forward)
 
-    with _scene(flaky, spec) as (_sim, proxy):
+    with scene(flaky, spec) as (_sim, proxy):
         proc = _run(tmp_path, proxy, [{"name": "j", "export_id": "1"}], "--log-format", "json")
     _clean(proc, tmp_path / "out", 0)
     assert_exact(tmp_path / "out", "j", spec)

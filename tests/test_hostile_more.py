@@ -12,7 +12,6 @@ milliseconds; what is the run's (deadlines, adoption, the dialect) runs the real
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import hashlib
 import logging
@@ -45,7 +44,6 @@ from orchestrator.api import ApiClient, RetryPolicy, Timeouts
 from orchestrator.download import DownloadResult, download
 from orchestrator.errors import ApiError, JobError, TransportError
 from orchestrator.models import Execution
-from orchestrator.simulator import ExportSpec, SimulatorThread
 
 DATA = b"".join(b'{"i":%d,"pad":"%s"}\n' % (i, b"x" * 40) for i in range(1500))
 N = len(DATA)
@@ -438,15 +436,6 @@ async def test_odd_ndjson_bytes_are_kept_exact_and_counted_as_the_spec_says(tmp_
 
 
 # -- the real API's dialect, through the CLI --------------------------------------------------------
-def _spec(export_id: str, **kw: Any) -> ExportSpec:
-    spec: ExportSpec = small_spec(export_id, **kw)
-    return spec
-
-
-def _scene(
-    handler: Handler, *specs: ExportSpec
-) -> contextlib.AbstractContextManager[tuple[SimulatorThread, HostileThread]]:
-    return scene(handler, *specs, token=TOKEN)
 
 
 def _clean(proc: Any, out: Path) -> dict[str, dict[str, Any]]:
@@ -499,8 +488,8 @@ async def _dialect_handler(req: Request, forward: Forward) -> Wire:
 
 def test_the_real_apis_dialect_on_executions(tmp_path: Path) -> None:
     """SUCCESS, result null, output_files [], string counters, numeric ids, ISO dates, no total: exact; others final."""
-    specs = [_spec(str(i)) for i in range(1, 6)]
-    with _scene(_dialect_handler, *specs) as (sim, proxy):
+    specs = [small_spec(str(i)) for i in range(1, 6)]
+    with scene(_dialect_handler, *specs) as (sim, proxy):
         jobs = [{"name": f"j{s.id}", "export_id": s.id, "retries": 0} for s in specs]
         proc = cli_in_process("run", str(write_jobs(tmp_path, jobs)), env=cli_env(proxy.url))
         created = dict(sim.stats.executions_created)
@@ -518,7 +507,7 @@ def test_the_real_apis_dialect_on_executions(tmp_path: Path) -> None:
 
 def test_numeric_ids_and_iso_dates_do_not_break_the_lost_create_lookup(tmp_path: Path) -> None:
     """A create answered 504 after it created; the list shows numeric ids and ISO dates: found, one execution, exact."""
-    spec = _spec("1")
+    spec = small_spec("1")
     state = {"created": False}
 
     async def handler(req: Request, forward: Forward) -> Wire:
@@ -532,7 +521,7 @@ def test_numeric_ids_and_iso_dates_do_not_break_the_lost_create_lookup(tmp_path:
             return reply.with_json({**reply.json(), "data": items})
         return await passthrough(req, forward)
 
-    with _scene(handler, spec) as (sim, proxy):
+    with scene(handler, spec) as (sim, proxy):
         proc = cli_in_process(
             "run", str(write_jobs(tmp_path, [{"name": "j", "export_id": "1"}])), env=cli_env(proxy.url)
         )
@@ -556,7 +545,7 @@ def test_execution_dates_and_ids_are_read_in_every_form() -> None:
 # -- stalls and slow headers against the job's deadline ----------------------------------------------
 def test_stalls_on_create_poll_and_download_end_at_the_deadline(tmp_path: Path) -> None:
     """A create that never answers, a poll that never answers, a body that stops mid-way: each job ends by timeout_s."""
-    specs = [_spec("1"), _spec("2"), _spec("3", size_bytes=60_000)]
+    specs = [small_spec("1"), small_spec("2"), small_spec("3", size_bytes=60_000)]
     polls = {"n": 0}
 
     async def handler(req: Request, forward: Forward) -> Wire:
@@ -574,7 +563,7 @@ def test_stalls_on_create_poll_and_download_end_at_the_deadline(tmp_path: Path) 
             return _raw(head, reply.body[:7_000], keep_open=True)
         return await passthrough(req, forward)
 
-    with _scene(handler, *specs) as (sim, proxy):
+    with scene(handler, *specs) as (sim, proxy):
         jobs = [{"name": f"j{s.id}", "export_id": s.id, "timeout_s": 2} for s in specs]
         started = time.monotonic()
         proc = run_cli("run", str(write_jobs(tmp_path, jobs)), env=cli_env(proxy.url), timeout=60)
