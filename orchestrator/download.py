@@ -35,7 +35,7 @@ import anyio
 from orchestrator.errors import InvalidDataError, JobError, TransportError
 from orchestrator.ndjson import LineStats
 from orchestrator.part_file import LocalTarget
-from orchestrator.transfer import MAX_RESTARTS, Output, Target, _settle, _transfer
+from orchestrator.transfer import MAX_RESTARTS, Output, Target, _transfer
 
 if TYPE_CHECKING:
     from orchestrator.workers import ValidatorPool
@@ -295,7 +295,6 @@ __all__ = [
     "Output",
     "Target",
     "UnverifiedLengthError",
-    "_settle",
     "download",
     "output_name",
     "receive",

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from orchestrator.durations import describe_duration, parse_duration
 from orchestrator.record import parse_iso
 
 log = logging.getLogger("orchestrator.guards")
@@ -365,10 +364,8 @@ __all__ = [
     "Trip",
     "Verdict",
     "committed_name",
-    "describe_duration",
     "earlier_run_folders",
     "evaluate",
     "expected_duration_s",
-    "parse_duration",
     "previous_records",
 ]

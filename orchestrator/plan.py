@@ -107,7 +107,7 @@ def check_workers(workers: int, source: str) -> None:
 
 def resolve_deadline(value: float | str | None, source: str, environ: Mapping[str, str] = os.environ) -> float | None:
     """Seconds from ``value``, else from ``MICS_DEADLINE_S``; None: the job file's run.deadline."""
-    from orchestrator.guards import parse_duration
+    from orchestrator.durations import parse_duration
 
     if value is None:
         source, value = "MICS_DEADLINE_S", environ.get("MICS_DEADLINE_S", "")

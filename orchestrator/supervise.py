@@ -17,6 +17,7 @@ import anyio
 import anyio.abc
 
 from orchestrator.config import Job
+from orchestrator.durations import describe_duration
 from orchestrator.errors import (
     EXIT_DEADLINE,
     EXIT_FAILED,
@@ -27,7 +28,7 @@ from orchestrator.errors import (
     UsageError,
     single_error,
 )
-from orchestrator.guards import RunHistory, describe_duration
+from orchestrator.guards import RunHistory
 from orchestrator.manifest import MANIFEST_NAME, Manifest, ManifestWriteError, RunStatus, now_iso
 from orchestrator.plan import Plan
 from orchestrator.scheduler import Runner

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 
-from orchestrator.api import RetryPolicy
+from orchestrator.retry import RetryPolicy
 from orchestrator.simulator import ExportSpec, Faults, SimulatorConfig
 
 TOKEN = "tok-SECRET-1234567890"

@@ -18,6 +18,7 @@ import pytest
 from conftest import TOKEN, fast_spec, sim_config
 from support import cli_env, cli_in_process, content_sha256, jobs_by_name, manifest, write_jobs
 
+from orchestrator.durations import parse_duration
 from orchestrator.guards import (
     Limits,
     Measured,
@@ -27,7 +28,6 @@ from orchestrator.guards import (
     earlier_run_folders,
     evaluate,
     expected_duration_s,
-    parse_duration,
     previous_records,
 )
 from orchestrator.simulator import SimulatorThread

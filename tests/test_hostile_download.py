@@ -534,7 +534,7 @@ async def test_long_lines_are_checked_in_a_child_with_exact_counts() -> None:
     for start in range(0, len(data), 700):
         inline.feed(data[start : start + 700])
     inline.finish()
-    from orchestrator.download import _settle
+    from orchestrator.transfer import _settle
 
     await _settle(inline)
     assert inline.stats == LineStats(lines=5, blank_lines=1, invalid_lines=1, invalid_line_numbers=[3])

@@ -40,10 +40,12 @@ from hostile import (
 )
 from support import TOKEN, assert_exact, cli_env, cli_in_process, jobs_by_name, leftovers, manifest, run_cli, write_jobs
 
-from orchestrator.api import ApiClient, RetryPolicy, Timeouts
+from orchestrator.api import ApiClient
 from orchestrator.download import DownloadResult, download
 from orchestrator.errors import ApiError, JobError, TransportError
 from orchestrator.models import Execution
+from orchestrator.retry import RetryPolicy
+from orchestrator.transport import Timeouts
 
 DATA = b"".join(b'{"i":%d,"pad":"%s"}\n' % (i, b"x" * 40) for i in range(1500))
 N = len(DATA)

@@ -414,7 +414,8 @@ def test_a_malformed_api_url_is_a_usage_error(tmp_path: Path, url: str) -> None:
 
 def test_error_text_echoing_the_token_is_scrubbed() -> None:
     """An API or gateway error that echoes the Authorization header never carries the token onward."""
-    from orchestrator.api import _error_from, _Secret
+    from orchestrator.transport import Secret as _Secret
+    from orchestrator.transport import error_from as _error_from
 
     body = orjson.dumps({"status": "error", "error": f"bad token {TOKEN}", "error_id": "x"})
     exc = _error_from(401, body, "GET", "/v1/exports", None, _Secret(TOKEN))
@@ -425,7 +426,7 @@ def test_error_text_echoing_the_token_is_scrubbed() -> None:
 
 def test_a_huge_retry_after_pauses_no_longer_than_the_cap() -> None:
     """A Retry-After of hours pauses the whole client only up to max_retry_after_s."""
-    from orchestrator.api import Throttle
+    from orchestrator.transport import Throttle
 
     throttle = Throttle(max_retry_after_s=2.0)
     throttle.on_throttled(7200.0)
