@@ -54,8 +54,6 @@ from orchestrator.transport import Throttle, Timeouts, Transport, error_from
 log = logging.getLogger("orchestrator.api")
 T = TypeVar("T")
 
-# Re-exported for tests/test_resilience.py, which imports them from here (another owner's file).
-
 DEFAULT_CHUNK_BYTES = 1 << 20
 """1 MiB: measured (PERF-NOTES) to move bytes 2× faster than 64 KiB chunks."""
 MAX_PAGES = 1000
