@@ -18,7 +18,7 @@ import orjson
 from orchestrator.api import ApiClient
 from orchestrator.cli_common import api_url_option, execution_id_argument, export_id_argument, json_option, with_api
 from orchestrator.config import is_url
-from orchestrator.errors import EXIT_OK, MicsExportError, UsageError
+from orchestrator.errors import EXIT_OK, MicsExportError, TransportError, UsageError
 
 if TYPE_CHECKING:
     from orchestrator.bucket_sink import BucketSink
@@ -81,7 +81,8 @@ class _StdoutTarget:
 
     async def restart(self) -> None:
         # Bytes already on stdout cannot be taken back: the reader would get them twice.
-        raise UsageError("the result changed on the server while it was written to stdout: run the command again")
+        # Not a usage error (exit 2 says nothing was sent): the API's answer failed it, exit 1.
+        raise TransportError("the result changed on the server while it was written to stdout: run the command again")
 
     async def prepare_commit(self) -> str | None:
         return None

@@ -8,6 +8,7 @@ its end (aiohttp does not notice a gzip body cut before its trailer).
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -42,17 +43,27 @@ def validator_of(resp: aiohttp.ClientResponse) -> str | None:
     return resp.headers.get("Last-Modified") or None
 
 
+_BYTE_COUNT = re.compile(r"[0-9]{1,19}")
+"""A byte count as HTTP writes one: ASCII digits only (``str.isdigit`` also takes "²", which
+``int`` refuses), and at most 19 of them (no file is 10**19 bytes; ``int`` refuses 4,300)."""
+
+
+def byte_count(text: str | None) -> int | None:
+    """A header's byte count (Content-Length, a Content-Range bound), or None unless it is one."""
+    return int(text) if text is not None and _BYTE_COUNT.fullmatch(text) else None
+
+
 def content_range(value: str) -> tuple[int, int, int | None] | None:
     """``bytes a-b/total`` → (a, b, total or None for ``*``); None when malformed."""
     unit, _, spec = value.strip().partition(" ")
-    span, _, total = spec.partition("/")
+    span, _, total_text = spec.partition("/")
     first, _, last = span.partition("-")
-    if unit.lower() != "bytes" or not first.isdigit() or not last.isdigit():
+    a, b, total = byte_count(first), byte_count(last), byte_count(total_text)
+    if unit.lower() != "bytes" or a is None or b is None or b < a:
         return None
-    a, b = int(first), int(last)
-    if b < a or not (total == "*" or total.isdigit()) or (total.isdigit() and b >= int(total)):
-        return None
-    return a, b, None if total == "*" else int(total)
+    if total is None:
+        return (a, b, None) if total_text == "*" else None
+    return (a, b, total) if b < total else None
 
 
 def header(resp: aiohttp.ClientResponse, name: str) -> str:
@@ -121,6 +132,7 @@ __all__ = [
     "BodyCut",
     "Decoder",
     "Inflater",
+    "byte_count",
     "cannot_be_ndjson",
     "coding_list",
     "content_range",

@@ -55,6 +55,15 @@ async def _check(api: ApiClient, datamart_id: str, text: str) -> None:
         raise JobError(f"the API rejected the query: {check.describe()}")
 
 
+def _age(export_id: str) -> tuple[int, int, str]:
+    """Sort key, oldest first: numeric ids in numeric order, compared as text (no ``int()``:
+    it takes "²" and refuses 4,300 digits, both a server's to send), then any other id."""
+    digits = export_id.lstrip("0") or "0"
+    if export_id.isascii() and export_id.isdigit():
+        return 0, len(digits), digits
+    return 1, 0, export_id
+
+
 async def ensure_query_export(
     api: ApiClient, job: Job, prefix: str, log: logging.LoggerAdapter[Any] | logging.Logger
 ) -> Export:
@@ -64,7 +73,7 @@ async def ensure_query_export(
     name = export_name(prefix, job.name)
     mine = sorted(
         [e async for e in api.iter_exports(org) if e.name == name],
-        key=lambda e: int(e.id) if e.id.isdigit() else 0,
+        key=lambda e: _age(e.id),
     )
     if len(mine) > 1:
         log.warning("%d exports are named %r: using the oldest, %s", len(mine), name, mine[0].id)

@@ -60,6 +60,7 @@ from orchestrator.framing import (
     INFLATED,
     BodyCut,
     Decoder,
+    byte_count,
     cannot_be_ndjson,
     coding_list,
     content_range,
@@ -125,13 +126,14 @@ async def _open(
     cut = transport.secret.cut
     if resp.status == 416:
         # Asked from exactly the end: nothing left, if the server agrees on the size.
-        unit, _, total = header(resp, "Content-Range").strip().partition(" */")
+        unit, _, total_text = header(resp, "Content-Range").strip().partition(" */")
         resp.release()
-        if unit.lower() == "bytes" and total.isdigit() and int(total) == pos:
+        total = byte_count(total_text) if unit.lower() == "bytes" else None
+        if total == pos:
             return _Answer(None, pos)
         raise ApiError(
             416,
-            f"cannot resume at byte {pos} (size {total if total.isdigit() else 'unknown'})",
+            f"cannot resume at byte {pos} (size {'unknown' if total is None else total})",
             method="GET",
             path=path,
         )
@@ -212,6 +214,10 @@ class ResumableStream:
             if answer is None:
                 return
             if answer.resp is None:
+                if self.total is not None and answer.total != self.total:
+                    # "Nothing after byte N" from a server that stated a larger size: a 416
+                    # cannot shorten a file, a changed one can (start again, never end short).
+                    raise self._changed(f"size {self.total} became {answer.total}")
                 self.length_check = "end-probe" if self._probing else "content-range"
                 return
             resp = answer.resp
@@ -304,8 +310,10 @@ class ResumableStream:
                 f"GET {self.path}: asked for bytes from {self.pos}, got range "
                 f"{self.transport.secret.cut(header(resp, 'Content-Range'), 80)!r}"
             )
-        if self.validator and tag and tag != self.validator:
-            raise self._changed(f"validator {self.validator} became {tag}")
+        if self.validator and tag != self.validator:
+            # If-Range was sent: a server that honours it and still has the same content
+            # sends that validator back (RFC 9110 §15.3.7). A weak one, or none, proves nothing.
+            raise self._changed(f"validator {self.validator} became {tag or 'none (or a weak one)'}")
         self.validator = self.validator or tag
         _, last, total = parsed
         if total is not None and self.total is not None and total != self.total:
@@ -337,11 +345,11 @@ class ResumableStream:
                 )
             body.skip = self.pos  # same content, Range ignored: skip what we already have
         self.validator = self.validator or tag
-        length = resp.headers.get("Content-Length")
-        if body.inflater is None and length is not None and length.isdigit():
-            if self.total is not None and int(length) != self.total:
+        length = byte_count(resp.headers.get("Content-Length"))
+        if body.inflater is None and length is not None:
+            if self.total is not None and length != self.total:
                 raise self._changed(f"size {self.total} became {length}")
-            self.total = body.end = int(length)
+            self.total = body.end = length
         return True
 
     async def _read(self, resp: aiohttp.ClientResponse, body: _Body) -> AsyncGenerator[bytes, None]:
