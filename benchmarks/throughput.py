@@ -4,7 +4,7 @@ For each record shape (small ~57 B lines, big ~460 B lines), in alternation, ≥
 
 - ceiling: `orchestrator.ndjson.LineChecker.feed` alone over the same bytes held in memory,
   one core, in this process (generated with `ResultFile(size, shape).iter_chunks()`): the
-  block validator (`orchestrator.blockcheck.check_block`, two yyjson parses per 64 KiB
+  block validator (`orchestrator.blockcheck.check_block`, two yyjson parses per 32 KiB
   part, exact fallback);
 - perline: the previous hot loop, `orjson.loads` on each line of the same chunks (the old
   one-core ceiling); "validator ≥ 3× per-line orjson" compares the two in the same run;

@@ -9,7 +9,7 @@ approach runs over the same chunks on one core, approaches alternating every rep
 - per-line ``map`` loops (exceptions send the chunk to a per-line loop): orjson, yyjson
   ``Document``, pysimdjson ``Parser().parse``, msgspec ``json.decode`` and msgspec
   ``Raw`` + a UTF-8 check. pysimdjson and msgspec are optional: "not installed" if missing;
-- single batch: ~64 KiB of lines joined into one JSON array, one yyjson parse, the element
+- single batch: ~32 KiB of lines joined into one JSON array, one yyjson parse, the element
   count checked against the line count (per-line orjson when that fails);
 - the product: ``orchestrator.ndjson.LineChecker`` fed the chunks (the download path's call);
 - split only: ``bytes.split`` per chunk, no parse (the floor of a line-oriented design).
@@ -17,7 +17,8 @@ approach runs over the same chunks on one core, approaches alternating every rep
 Exactness: every approach's verdicts over a seeded differential corpus (``--corpus`` mutated
 records from both shapes and a few hand-made ones, plus edge lines: depth 1024/1025, BOM,
 2**64, 2**70, 1e400, 400-digit integers, invalid UTF-8, lone surrogates, NUL, CR, blanks…,
-plus join traps such as ``[1],[2`` then ``3]``) against per-line orjson
+plus join traps such as ``[1],[2`` then ``3]``, and strings run on across lines such as ``"`` then
+``",1``) against per-line orjson
 (``orchestrator.blockcheck.classify``). Per-line approaches are compared line by line
 (record / blank / invalid); block approaches block by block (1–12 lines; line, blank and
 invalid counts and the invalid line numbers), LineChecker fed each block in three pieces.
@@ -55,8 +56,8 @@ from orchestrator.blockcheck import LineStats, Verdict, check_lines, classify
 from orchestrator.ndjson import LineChecker
 
 Parse = Callable[[bytes], object]
-PART = 64 << 10
-"""Single batch parses ~64 KiB of lines at once: the product's part size (bigger parts are
+PART = 32 << 10
+"""Single batch parses ~32 KiB of lines at once: the product's part size (bigger parts are
 slower with yyjson, see orchestrator.blockcheck._PART_BYTES)."""
 
 
@@ -106,7 +107,7 @@ def mapped(parse: Parse, utf8: bool = False) -> Callable[[list[bytes]], float]:
 
 
 def single_batch_mb_s(chunks: list[bytes]) -> float:
-    """One yyjson parse of ``[l1,l2,…]`` per ~64 KiB of lines, count-checked (inexact: lines join)."""
+    """One yyjson parse of ``[l1,l2,…]`` per ~32 KiB of lines, count-checked (inexact: lines join)."""
     batch = single_batch()
 
     def run(chunks: list[bytes]) -> None:
@@ -198,7 +199,7 @@ def approaches() -> dict[str, Approach]:
     out["msgspec_raw"] = Approach(
         "msgspec `Raw` + UTF-8 check, per line (`map`)", raw and mapped(raw, utf8=True), raw and verdict(raw, utf8=True)
     )
-    batch = "single batch: ~64 KiB of lines as one array, yyjson, count check"
+    batch = "single batch: ~32 KiB of lines as one array, yyjson, count check"
     out["batch"] = Approach(batch, single_batch_mb_s, per_block=single_batch())
     out["product"] = Approach("the product: `LineChecker.feed` (blockcheck)", ceiling_mb_s, per_block=line_checker)
     out["split"] = Approach("split only, no parse (the floor)", split_only_mb_s)
@@ -239,6 +240,10 @@ EDGES: dict[str, list[bytes]] = {
 }
 TRAPS = [[b"[1],[2", b"3]"], [b"[1", b"2]"], [b"[1", b"2]", b"3,4"], [b'{"a":[{"b":1}', b'{"c":2}]}'],
          [b'"a', b'b"'], [b"[[1", b"],[2]]"], [b'{"a":1', b'"b":2}'], [b"1,2", b"3"]]  # fmt: skip
+STRING_TRAPS = [[b'"', b'",1'], [b'1,["a', b'b"]'], [b'{"a":"x', b'y"},{"b":2}', b"3"]]
+"""Lines that parse only when a string opened in one runs on into the next: they fool any
+document that joins lines without their newlines (the product's A, ``[`` L1 ``,`` L2 … ``]``,
+and the single batch); a raw newline inside a string is an error, which B keeps."""
 HAND_MADE = [
     b'{"a":[1,2.5,-3e10,true,false,null],"b":{"c":"caf\xc3\xa9 \\u00e9 \\ud83d\\ude00 \\n\\"x"}}',
     b"[1,[2,[3,[4]]],{}]",
@@ -247,7 +252,7 @@ HAND_MADE = [
 ]
 ALPHABET = b'[]{},:"1 \\u\ne.-0\r\t\x00\xc3\xa9\xff'
 SNIPPETS = [(name, line) for name, lines in EDGES.items() for line in lines if len(line) < 100]
-Line = tuple[bytes, str]  # a line and what it is: "record", "mutant", an EDGES name, "join trap"
+Line = tuple[bytes, str]  # a line and what it is: "record", "mutant", an EDGES name, "join trap", "string across lines"
 
 
 def mutate(rng: random.Random, line: bytes) -> tuple[list[bytes], str]:
@@ -272,8 +277,8 @@ def mutate(rng: random.Random, line: bytes) -> tuple[list[bytes], str]:
 
 
 def corpus(records: int, seed: int = 20240614) -> list[list[Line]]:
-    """Blocks of 1–12 lines: ``records`` records (35% mutated), then every edge line and join
-    trap alone, first, in the middle and last among records; shuffled (seeded)."""
+    """Blocks of 1–12 lines: ``records`` records (35% mutated), then every edge line, join trap
+    and string trap alone, first, in the middle and last among records; shuffled (seeded)."""
     from orchestrator.simulator.data import ResultFile
 
     rng = random.Random(seed)
@@ -295,6 +300,7 @@ def corpus(records: int, seed: int = 20240614) -> list[list[Line]]:
         done += len(block)
     specials = [[(x, name)] for name, lines in EDGES.items() for x in lines]
     specials += [[(x, "join trap") for x in trap] for trap in TRAPS]
+    specials += [[(x, "string across lines") for x in trap] for trap in STRING_TRAPS]
     for special in specials:
         rec = [(rng.choice(bases), "record") for _ in range(4)]
         blocks += [special, special + rec[:2], rec[:2] + special + rec[2:], rec + special]

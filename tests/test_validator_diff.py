@@ -7,7 +7,8 @@ record. Here per-line orjson (`reference`) judges:
 - mutated records (seeded, so every run tests the same lines): 200,000 by default,
   ``MICS_VALIDATOR_DIFF_FULL=1`` for 1,000,000 (the figure quoted in the report);
 - every 2-line block of strings of up to 3 characters and every 3-line block of up to
-  2 characters over ``[]{},:"1`` and space (the join trap lives there: ``[1,`` then ``2]``);
+  2 characters over ``[]{},:"1`` and space (the join trap lives there: ``[1,`` then ``2]``,
+  and the string trap of a document without newlines: ``"`` then ``",1``);
 - any chunking, in process (LineChecker) and through the worker pool (ValidatorPool: one
   pool for the module, a new checker on it per hypothesis example);
 - the seams of the fast path: depth, BOM, big numbers, bad UTF-8, surrogates, NUL, CRLF,
@@ -24,6 +25,7 @@ from collections.abc import AsyncIterator
 
 import orjson
 import pytest
+import yyjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -167,6 +169,21 @@ def valid(line: bytes) -> bool:
     return True
 
 
+def test_utf8_in_strings_is_judged_as_orjson_does() -> None:
+    """Bytes in a string (every 2-byte sequence; 3 and 4 bytes at range edges): the proof accepts what orjson does.
+
+    The proof has no UTF-8 check of its own: yyjson's strings are strict UTF-8, as orjson's.
+    """
+    edges = [0x00, 0x22, 0x41, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xFF]
+    leads = range(0x80, 0x100)
+    sequences = [bytes([a, b]) for a in leads for b in range(0x100)]
+    sequences += [bytes([a, b, c]) for a in leads for b in edges for c in edges]
+    sequences += [bytes([a, b, c, d]) for a in range(0xF0, 0x100) for b in edges for c in edges for d in edges]
+    for sequence in sequences:
+        line = b'{"k":"' + sequence + b'"}'
+        assert _lines_pass(line + b"\n{}\n", 2) == valid(line), sequence  # both documents parse it
+
+
 def test_every_two_line_block_of_up_to_three_characters() -> None:
     """All 672,400 blocks of 2 lines of ≤3 characters over []{},:"1 and space: the proof holds iff both are records.
 
@@ -206,11 +223,27 @@ def test_join_traps_are_not_accepted() -> None:
         assert stats.invalid_lines >= 2
 
 
+STRING_TRAPS = [[b'"', b'",1'], [b'1,["a', b'b"]'], [b'{"a":"x', b'y"},{"b":2}', b"3"]]
+
+
+@pytest.mark.parametrize("block", STRING_TRAPS)
+def test_strings_run_on_across_lines_are_not_accepted(block: list[bytes]) -> None:
+    """Lines that parse only when a string runs on into the next line fool A alone, not the proof."""
+    joined = b"[" + b",".join(block) + b",0]"  # the proof's A: lines joined without their newlines
+    assert len(yyjson.Document(joined)) == len(block) + 1  # the trap: A alone counts one value per line
+    assert not _lines_pass(b"".join(line + b"\n" for line in block), len(block))
+    stats = fast(block)
+    assert stats == reference(block)
+    assert stats.invalid_lines >= 2
+
+
 # -- chunk boundaries ---------------------------------------------------------------------
 TRICKY = st.lists(
     st.one_of(
         st.sampled_from(BASES),
-        st.sampled_from([b"[1", b"2]", b"3,4", b"", b" \r", b"1e400", b"18446744073709551616", b"\xff", deep(1025)]),
+        st.sampled_from(
+            [b"[1", b"2]", b"3,4", b"", b" \r", b"1e400", b"18446744073709551616", b"\xff", deep(1025), b'"', b'",1']
+        ),
         st.binary(max_size=8),
     ),
     max_size=40,
@@ -321,11 +354,9 @@ def test_check_block_reads_a_range_of_an_mmap() -> None:
 @given(
     lines=st.lists(st.integers(min_value=0, max_value=60), max_size=30), limit=st.integers(min_value=1, max_value=50)
 )
-def test_has_line_over_never_misses_a_long_line(lines: list[int], limit: int) -> None:
-    """has_line_over may say yes for nothing, never no when a line is longer than the limit."""
+def test_has_line_over_is_exact(lines: list[int], limit: int) -> None:
+    """has_line_over says yes exactly when some line is longer than the limit, in a buffer and in a range of one."""
     data = b"\n".join(b"x" * n for n in lines)
-    if any(n > limit for n in lines):
-        assert has_line_over(data, limit)
-        assert has_line_over(b"y\n" + data + b"\ny", limit, 2, len(data) + 2)  # a range of a buffer
-    elif lines:
-        assert not has_line_over(data, 2 * limit + 1)  # a window of a longer limit always holds a newline
+    longer = any(n > limit for n in lines)
+    assert has_line_over(data, limit) == longer
+    assert has_line_over(b"y\n" + data + b"\ny", limit, 2, len(data) + 2) == longer  # a range of a buffer
