@@ -78,6 +78,8 @@ class _Clock:
 def poll_model(lifecycles: list[float], slots: int, seed: int = 0, trials: int = 5) -> dict[str, float]:
     """The product's own poll schedule (`orchestrator.retry.PollSchedule`) on each lifecycle,
     with zero request latency and zero CPU: when would a perfect client notice each finish?
+    As in `orchestrator.polling.Poller.poll`, the create's answer (pending, at t = 0) is
+    the first thing seen, and the first poll waits the schedule's first wait after it.
 
     Returns the mean polls per execution, the mean delay between finish and the poll
     that sees it, and the makespan of the lifecycles plus those delays on ``slots`` slots
@@ -93,6 +95,7 @@ def poll_model(lifecycles: list[float], slots: int, seed: int = 0, trials: int =
             pending, running = 0.3 * life, 0.7 * life
             clock = _Clock()
             schedule = PollSchedule(POLL["initial_s"], POLL["max_s"], rng=rng, clock=clock)
+            clock.t += schedule.next_wait(types.SimpleNamespace(completed_tasks=None, num_tasks=None))
             n = 0
             while True:
                 n += 1
