@@ -49,7 +49,7 @@ from orchestrator.errors import (
 from orchestrator.models import Execution, Export, Page, QueryCheck, require_object, required_id
 from orchestrator.retry import Budget, RetryPolicy
 from orchestrator.stream import ResumableStream
-from orchestrator.transport import Throttle, Timeouts, Transport, error_from
+from orchestrator.transport import MAPPED, Throttle, Timeouts, Transport, error_from
 
 log = logging.getLogger("orchestrator.api")
 T = TypeVar("T")
@@ -60,6 +60,8 @@ MAX_PAGES = 1000
 """The most pages one walk through a list may read (50,000 exports at 50 a page)."""
 FIND_EXECUTION_MAX_PAGES = 100
 """find_execution looks this deep (1,000 executions at 10 a page): ours are recent."""
+_JSON_HEADERS = {"Content-Type": "application/json"}
+"""A JSON body's headers, built once (aiohttp copies them into each request)."""
 
 
 class ApiClient:
@@ -137,17 +139,17 @@ class ApiClient:
         self, method: str, path: str, params: dict[str, Any] | None, body: bytes | None, content_type: str | None
     ) -> tuple[int, dict[str, Any]]:
         """One request; returns (status, the parsed envelope) or raises an ApiError/TransportError."""
-        resp = await self.transport.send(
-            method,
-            path,
-            params=params,
-            body=body,
-            headers={"Content-Type": content_type} if content_type else None,
-            total_s=self.transport.timeouts.request_s,
+        transport = self.transport
+        headers = {"Content-Type": content_type} if content_type else None
+        if content_type == "application/json":
+            headers = _JSON_HEADERS
+        resp = await transport.send(
+            method, path, params=params, body=body, headers=headers, total_s=transport.timeouts.request_s
         )
         try:
-            with self.transport.errors(f"{method} {path}"):
-                raw = await resp.read()
+            raw = await resp.read()
+        except MAPPED as exc:  # transport.errors(), without a context manager's cost on every request
+            raise transport.mapped(exc, f"{method} {path}") from None
         finally:
             resp.release()
         status = resp.status
@@ -216,8 +218,9 @@ class ApiClient:
         item: Callable[[Any], T],
         *,
         max_pages: int = MAX_PAGES,
+        first_page: Page | None = None,
     ) -> AsyncGenerator[T, None]:
-        """Every item of a list, page by page, each id once.
+        """Every item of a list, page by page, each id once (``first_page``: page 1, already read).
 
         A list can shift while it is read (a new execution lands on top of a newest-first
         list), so an item seen on an earlier page is skipped, not an error. A page with
@@ -227,7 +230,10 @@ class ApiClient:
         first = 0
         seen: set[str] = set()
         for number in range(1, max_pages + 1):
-            page = await self._page(path, params, first, page_size, item)
+            if first_page is not None:
+                page, first_page = first_page, None
+            else:
+                page = await self._page(path, params, first, page_size, item)
             new = 0
             for thing in page.items:
                 # An item is a model with an id, or (find_execution's other executions) the id alone.
@@ -390,7 +396,18 @@ class ApiClient:
             found = required_id(data)
             return Execution.from_api(data) if found == execution_id else found
 
-        walk = self._iter_pages(f"/v1/exports/{export_id}/executions", {}, page_size, pick, max_pages=max_pages)
+        # Every poll: page 1 is read here, without the walk's generator, and the walk goes on
+        # from it only when the execution is not on it (it almost always is: ours are recent).
+        path = f"/v1/exports/{export_id}/executions"
+        first = None
+        if max_pages >= 1:
+            first = await self._page(path, {}, 0, page_size, pick)
+            for item in first.items:
+                if isinstance(item, Execution):
+                    return item
+            if not first.items or not first.has_more:
+                return None
+        walk = self._iter_pages(path, {}, page_size, pick, max_pages=max_pages, first_page=first)
         async with contextlib.aclosing(walk) as items:
             async for item in items:
                 if isinstance(item, Execution):

@@ -22,9 +22,9 @@ from collections.abc import Iterable
 from pathlib import Path, PurePath
 from typing import Any
 
-import anyio
 import zstandard
 
+from orchestrator import offload
 from orchestrator.ndjson import LineChecker
 from orchestrator.transfer import READ_BACK_BYTES, Output, Target, read_back
 
@@ -173,7 +173,7 @@ class LocalTarget:
         # the disk and must not stall the event loop (and every other download) meanwhile. Not
         # abandoned on cancel: the caller shields the commit, and the fd is ours until closed.
         fd, self.fd = self.fd, -1
-        await anyio.to_thread.run_sync(_commit, self.part, self.dest if name is None else self.dest.with_name(name), fd)
+        await offload.run_sync(_commit, self.part, self.dest if name is None else self.dest.with_name(name), fd)
         return None
 
     async def abort(self) -> None:

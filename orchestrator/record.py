@@ -233,9 +233,13 @@ class JobRecord:
 
     def observed(self, status: JobStatus | None, num_tasks: int | None, erroneous_tasks: int | None) -> Durability:
         """A poll's answer; ``status`` (PENDING or RUNNING) is None once the execution is final.
-        A status that moves is marked; the task counts ride along with the next write."""
-        self.num_tasks = num_tasks
-        self.erroneous_tasks = erroneous_tasks
+        A status that moves is marked; the task counts ride along with the next write.
+        Unchanged counts are not assigned: an assignment stamps the record as changed, and
+        the next write would compare it field by field for nothing (most polls change nothing)."""
+        if num_tasks != self.num_tasks:
+            self.num_tasks = num_tasks
+        if erroneous_tasks != self.erroneous_tasks:
+            self.erroneous_tasks = erroneous_tasks
         if status is None or status is self.status:
             return Durability.WITH_NEXT
         self.status = status
@@ -388,8 +392,11 @@ class Manifest:
     """Display-only figures per job name; never written."""
 
     def live_of(self, name: str) -> LiveFigures:
-        """The live figures of a job (created on first use)."""
-        return self.live.setdefault(name, LiveFigures())
+        """The live figures of a job (created on first use: not built at every poll to be dropped)."""
+        figures = self.live.get(name)
+        if figures is None:
+            figures = self.live[name] = LiveFigures()
+        return figures
 
     def to_bytes(self) -> bytes:
         """The manifest as indented JSON."""

@@ -95,11 +95,11 @@ class RetryPolicy:
             return min(max(0.0, retry_after), self.max_retry_after_s)
         return full_jitter(self.rng, n, self.base_s, self.max_wait_s)
 
-    def budget(self, *, min_tries: int = 1, resumable: bool = False) -> Budget:
+    def budget(self, *, min_tries: int = 1, resumable: bool = False, since: float | None = None) -> Budget:
         """A fresh budget for one operation (at least ``min_tries`` tries; ``resumable``: see
-        :meth:`Budget.next_wait`)."""
+        :meth:`Budget.next_wait`; ``since``: when the operation began, default now)."""
         tries = max(min_tries, self.max_tries)
-        return Budget(self, tries, MAX_FAILURES_FACTOR * tries if resumable else tries)
+        return Budget(self, tries, MAX_FAILURES_FACTOR * tries if resumable else tries, since=since)
 
     def poll_schedule(self, initial_s: float, max_s: float) -> PollSchedule:
         """A :class:`PollSchedule` drawing on this policy's rng and clock."""
@@ -119,13 +119,17 @@ class RetryPolicy:
         Each retry is logged on ``logger`` (the caller's, so that the record carries the job)
         as ``retrying after ERROR (try N, waiting Xs)``, event ``retry``.
         """
-        budget = budget or self.budget()
+        # Most calls succeed at once: their fresh budget is made at the first failure, with
+        # its deadline counted from now all the same.
+        since = self.clock() if budget is None else 0.0
         while True:
             try:
                 return await func()
             except Exception as exc:
                 if not retry_if(exc):
                     raise
+                if budget is None:
+                    budget = self.budget(since=since)
                 wait = budget.next_wait(exc)
                 if wait is None:
                     raise
@@ -146,14 +150,15 @@ DEFAULTS = RetryPolicy()
 class Budget:
     """One operation's tries and deadline, shared by every retry loop inside it."""
 
-    def __init__(self, policy: RetryPolicy, max_tries: int, max_failures: int) -> None:
+    def __init__(self, policy: RetryPolicy, max_tries: int, max_failures: int, *, since: float | None = None) -> None:
         self.policy = policy
         self.max_tries = max_tries
         self.max_failures = max_failures
         self.failures = 0
         """Failed tries since the operation began (or last made progress)."""
         self.total_failures = 0
-        self._since = policy.clock()
+        self._since = policy.clock() if since is None else since
+        """When the operation began (``since``, on the policy's clock; default now)."""
 
     def progressed(self) -> None:
         """The operation moved forward (a download got new bytes): the try count and the

@@ -32,6 +32,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "durations",
                 "location",
                 "simulator",
+                "offload",
             }
         ),
     ),
