@@ -359,7 +359,7 @@ class ApiClient:
         return await self._request(
             "POST",
             f"/v1/exports/{export_id}/executions",
-            lambda env: Execution.from_api(env.get("data")),
+            lambda env: self._own_execution(env.get("data")),
             json={},
             retry_if=nothing_created,
             budget=budget,
@@ -424,6 +424,14 @@ class ApiClient:
         )
 
     # -- files -----------------------------------------------------------------------------
+    def _own_execution(self, data: Any) -> Execution:
+        """The execution a create answered with; an id that echoes the token is no id (it would
+        go into the manifest and a file name)."""
+        execution = Execution.from_api(data)
+        if self.transport.secret.echoed_in(execution.id):
+            raise MalformedResponseError("data.id", "echoes the request's credentials")
+        return execution
+
     def stream_result(
         self,
         export_id: str,
@@ -437,6 +445,9 @@ class ApiClient:
         """The result file's bytes from offset ``start``, in chunks of up to ``chunk_bytes``
         (a :class:`~orchestrator.stream.ResumableStream`: resumed after a cut, byte-exact).
         ``budget``: the caller's (resumable), when this stream is one part of its operation."""
+        if self.transport.secret.echoed_in(technical_name):
+            # Never put the token in a URL (NOTES.md), even one that echoes it back.
+            raise MalformedResponseError("result.output_files[0]", "echoes the request's credentials")
         path = f"/v1/exports/{export_id}/executions/{execution_id}/files/technical_name={technical_name}"
         return ResumableStream(self.transport, self.retry, path, None, start, chunk_bytes, budget)
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from orchestrator.download import DownloadOptions, DownloadResult, output_name, receive
+from orchestrator.errors import JobError
 from orchestrator.failures import storage_fails_job
 from orchestrator.guards import Limits, Measured, RunHistory, committed_name, evaluate, previous_records
 from orchestrator.record import Durability, JobRecord, JobStatus, Manifest
@@ -61,6 +62,8 @@ class Fetcher:
         resume = rec.execution_id == execution.id and rec.status in (JobStatus.DOWNLOADING, JobStatus.SUCCEEDED)
         # Ours: an earlier success, or a file a guard failed but on_guard_failure: keep left there.
         ours_at_dest = rec.path == dest.name and (rec.status is JobStatus.SUCCEEDED or rec.guard is not None)
+        # Killed between the record and the rename: the part file must still be what was recorded.
+        recorded_sha256 = rec.sha256 if resume and rec.status is JobStatus.SUCCEEDED else None
         live = self.manifest.live_of(job.name)
         live.downloaded = 0
         await self.writer.persist(rec.downloading())
@@ -84,6 +87,11 @@ class Fetcher:
                 pool=self.pool,
             )
             async with part:  # removed (the upload aborted) unless committed
+                if recorded_sha256 is not None and part.result.sha256 != recorded_sha256:
+                    raise JobError(
+                        f"the part file of {dest.name} no longer has the sha256 recorded when its download "
+                        "completed: discarded (the next run downloads it again)"
+                    )
                 with anyio.CancelScope(shield=True):
                     # Recorded, then committed, with no moment a signal could fall between the two.
                     name = await self._record(job, rec, jl, execution, part.result, dest.name, history)

@@ -11,7 +11,8 @@ same job with a ``SimpleQueue`` (its wake-up is C) to a few long-lived daemon th
 Why not the standard library's ``loop.run_in_executor`` with a ``ThreadPoolExecutor``: it
 costs more (all threads' CPU per call, timing 20,000 calls of a no-op through each in one
 run: anyio 256–276 µs, an executor 145–149 µs, this 109–111 µs), and its threads are
-joined at interpreter exit, so one fsync stuck on a dying disk would hold a SIGTERMed run past its grace period; these threads are daemons.
+joined at interpreter exit, so one fsync stuck on a dying disk would hold a SIGTERMed run
+past its grace period; these threads are daemons.
 
 Same contract as anyio's, for what this project uses of it:
 

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterable
 from pathlib import Path, PurePath
@@ -31,8 +32,16 @@ from orchestrator.transfer import READ_BACK_BYTES, Output, Target, read_back
 log = logging.getLogger("orchestrator.download")  # the download's events (part_discarded)
 
 
+_PLAIN_TAG = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+
+
 def part_path(dest: Path, tag: str) -> Path:
-    """The temporary file for ``dest``: hidden, in the same folder (rename is atomic there)."""
+    """The temporary file for ``dest``: hidden, in the same folder (rename is atomic there).
+
+    ``tag`` is an execution id, the server's (or a manifest's) to choose: a plain one is used
+    as it is; any other (a ``/``, a NUL, 5,000 digits...) by its hash, never as a path."""
+    if not _PLAIN_TAG.fullmatch(tag):
+        tag = "h" + hashlib.sha256(tag.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return dest.with_name(f".{dest.name}.{tag}.part")
 
 

@@ -23,6 +23,10 @@ class Secret:
         """``text`` as a string with the secret replaced by ``***`` (None stays None)."""
         return None if text is None else str(text).replace(self._value, "***") if self._value else str(text)
 
+    def echoed_in(self, text: str) -> bool:
+        """True when ``text`` (a server's id or name) holds the secret: never write it anywhere."""
+        return bool(self._value) and self._value in text
+
     def scrub_bytes(self, data: bytes) -> bytes:
         """``data`` with the secret (UTF-8) replaced by ``***``."""
         return data.replace(self._value.encode(), b"***") if self._value else data

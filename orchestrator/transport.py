@@ -44,6 +44,7 @@ from typing import Any
 import aiohttp
 import anyio
 import orjson
+import yarl
 
 from orchestrator._version import __version__
 from orchestrator.errors import (
@@ -261,6 +262,7 @@ class Transport:
         accept_gzip: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._origin = yarl.URL(self.base_url).origin()
         self.secret = Secret(token)
         self.timeouts = timeouts
         self.throttle = throttle
@@ -362,6 +364,10 @@ class Transport:
             )
         except MAPPED as exc:
             raise self.mapped(exc, f"{method} {path}") from None
+        except ValueError as exc:
+            # aiohttp refuses some answers with a ValueError, not a ClientError: a redirect
+            # whose Location carries credentials, for one. The server's doing: a failed request.
+            raise TransportError(f"{method} {path}: cannot follow the answer ({self.describe(exc)})") from None
         finally:
             self.throttle.release(borrower)
         if resp.status not in own_statuses:
@@ -388,7 +394,15 @@ class Transport:
             data = b""  # a file's error page cut short: its status says enough
         finally:
             resp.release()
-        raise error_from(resp.status, data, method, path, retry_after, self.secret)
+        error = error_from(resp.status, data, method, path, retry_after, self.secret)
+        if isinstance(error, AuthError) and resp.url.origin() != self._origin:
+            # A redirect's other host (object storage) never saw the token: its refusal fails
+            # this request, and says nothing of the token the rest of the run goes on with.
+            host = self.secret.cut(resp.url.host or "another host", 80)
+            error = ApiError(
+                resp.status, f"{host} refused the redirected download", error.error_id, method=method, path=path
+            )
+        raise error
 
 
 __all__ = [

@@ -169,25 +169,7 @@ ODD_IDS = {
 }
 
 
-XFAIL_ID_PATH = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the execution id goes unchecked into the part file's name (part_file.part_path: Path.with_name "
-        "raises ValueError on a '/', os.open on a NUL); ValueError is not among scheduler.LOCAL_ERRORS, so "
-        "the whole run ends 'mics-export: error: unexpected ValueError' instead of failing that job"
-    ),
-)
-XFAIL_ID_TOKEN = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "an execution id that echoes the token is written as is into manifest.json (execution_id) and "
-        "the part file's name: ids from the server are never scrubbed (record.py, part_file.part_path)"
-    ),
-)
-ID_MARKS = {"slash": XFAIL_ID_PATH, "nul": XFAIL_ID_PATH, "the-token": XFAIL_ID_TOKEN}
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=ID_MARKS[c]) if c in ID_MARKS else c for c in ODD_IDS])
+@pytest.mark.parametrize("case", ODD_IDS)
 def test_an_execution_id_the_server_makes_odd_is_one_failed_job_or_exact(tmp_path: Path, case: str) -> None:
     """Execution ids with a slash, .., a newline, a NUL, 5,000 digits or the token: exact or one failed job, clean."""
     fake = FakeApi(next_id=lambda: ODD_IDS[case])
@@ -290,15 +272,6 @@ def test_a_succeeded_execution_whose_file_is_missing_fails_once(tmp_path: Path) 
 
 
 # -- 4. redirects and the token ---------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "aiohttp raises ValueError ('Cannot combine AUTHORIZATION header with ... credentials encoded in "
-        "URL') when a same-origin redirect's Location has user:pass@; transport.Transport.send only maps "
-        "MAPPED (TimeoutError, ClientError, zlib.error), so the ValueError ends the whole run as "
-        "'mics-export: error: unexpected ValueError' instead of failing the job"
-    ),
-)
 def test_a_same_origin_redirect_with_credentials_in_its_location_is_one_failed_job(tmp_path: Path) -> None:
     """A 302 to http://user:pass@<same host>/file: aiohttp refuses to mix it with Authorization; one failed job."""
     fake = FakeApi()
@@ -376,14 +349,6 @@ def test_a_token_echoed_into_the_executions_list_never_shows(tmp_path: Path, whe
     assert assert_exact_or_failed(proc, jobs_by_name(doc)["j"] if doc else None, out) != "SUCCEEDED"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the token matches the technical-name pattern [A-Za-z0-9._-]+ (models.Execution.technical_name), so "
-        "an output_files[0] echoing it is put in the download URL's path (api.stream_result): the token "
-        "travels in a URL, where proxies and access logs keep it (low severity: same host)"
-    ),
-)
 def test_a_token_echoed_as_the_output_file_name_is_never_put_in_a_url(tmp_path: Path) -> None:
     """output_files: [TOKEN] (a server echoing the header): the token is never sent in a request URL."""
     fake = FakeApi(result={"output_files": [TOKEN]})
@@ -411,8 +376,8 @@ def _earlier_run(tmp_path: Path, **changes: Any) -> Path:
 @pytest.mark.parametrize(
     "planted",
     [
-        pytest.param("70/../../../escape", marks=XFAIL_ID_PATH),
-        pytest.param("70\x0071", marks=XFAIL_ID_PATH),
+        pytest.param("70/../../../escape"),
+        pytest.param("70\x0071"),
         "..",
         "*",
     ],
@@ -549,15 +514,6 @@ def test_a_resume_across_a_kill_after_the_file_changed_is_never_a_mix(tmp_path: 
         assert (out / "j.ndjson").read_bytes() in (DATA, OTHER), "a mix of two files"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "fetch.Fetcher.fetch resumes a SUCCEEDED record's part file (resume=True), rebuilds its hash from "
-        "the bytes on disk (transfer.read_back), and _record() overwrites the recorded sha256 with it: "
-        "the sha256 already in the manifest (of the bytes as served) is never compared, so a part file "
-        "altered between the record and the rename is renamed into place as SUCCEEDED"
-    ),
-)
 def test_a_complete_part_file_that_no_longer_hashes_as_recorded_is_not_renamed(tmp_path: Path) -> None:
     """Killed between the SUCCEEDED record (sha256 of DATA) and the rename; the part file now holds other bytes
     of the same size (a bad disk, a hand): never renamed into place as SUCCEEDED."""
@@ -632,15 +588,6 @@ def test_non_ascii_digits_in_range_headers_are_one_failed_job(tmp_path: Path, wh
 
 
 # -- 10. a refusal from the storage host a download was redirected to --------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "transport.error_from maps every 401/403 to AuthError whichever host answered, even the storage host "
-        "of a cross-origin redirect (which never got the token); scheduler.Runner._job then stops the whole "
-        "run (self._stop.cancel()): job b, still polling, ends FAILED 'not run', and a's error blames the API "
-        "token ('the API refused the token: check that it is valid...')"
-    ),
-)
 def test_a_403_from_the_storage_host_of_a_redirect_fails_that_job_not_the_run(tmp_path: Path) -> None:
     """Job a's file is redirected to another host that answers 403 (an expired signed URL); job b is fine:
     a FAILED, b SUCCEEDED exact (the API token was not refused, so the run is not stopped)."""
