@@ -136,13 +136,10 @@ class ApiClient:
 
     # -- the request machinery -----------------------------------------------------------
     async def _once(
-        self, method: str, path: str, params: dict[str, Any] | None, body: bytes | None, content_type: str | None
+        self, method: str, path: str, params: dict[str, Any] | None, body: bytes | None, headers: dict[str, str] | None
     ) -> tuple[int, dict[str, Any]]:
         """One request; returns (status, the parsed envelope) or raises an ApiError/TransportError."""
         transport = self.transport
-        headers = {"Content-Type": content_type} if content_type else None
-        if content_type == "application/json":
-            headers = _JSON_HEADERS
         resp = await transport.send(
             method, path, params=params, body=body, headers=headers, total_s=transport.timeouts.request_s
         )
@@ -183,10 +180,10 @@ class ApiClient:
         """A retried request whose envelope ``parse`` turns into the result, inside the retry:
         an answer that cannot be read is retried like a 5xx (MalformedResponseError)."""
         body = None if json is None else orjson.dumps(json)
-        content_type = None if json is None else "application/json"
+        headers = None if json is None else _JSON_HEADERS
 
         async def once() -> T:
-            status, envelope = await self._once(method, path, params, body, content_type)
+            status, envelope = await self._once(method, path, params, body, headers)
             try:
                 return parse(envelope)
             except MalformedResponseError as exc:
@@ -218,9 +215,8 @@ class ApiClient:
         item: Callable[[Any], T],
         *,
         max_pages: int = MAX_PAGES,
-        first_page: Page | None = None,
     ) -> AsyncGenerator[T, None]:
-        """Every item of a list, page by page, each id once (``first_page``: page 1, already read).
+        """Every item of a list, page by page, each id once.
 
         A list can shift while it is read (a new execution lands on top of a newest-first
         list), so an item seen on an earlier page is skipped, not an error. A page with
@@ -230,10 +226,7 @@ class ApiClient:
         first = 0
         seen: set[str] = set()
         for number in range(1, max_pages + 1):
-            if first_page is not None:
-                page, first_page = first_page, None
-            else:
-                page = await self._page(path, params, first, page_size, item)
+            page = await self._page(path, params, first, page_size, item)
             new = 0
             for thing in page.items:
                 # An item is a model with an id, or (find_execution's other executions) the id alone.
@@ -396,18 +389,7 @@ class ApiClient:
             found = required_id(data)
             return Execution.from_api(data) if found == execution_id else found
 
-        # Every poll: page 1 is read here, without the walk's generator, and the walk goes on
-        # from it only when the execution is not on it (it almost always is: ours are recent).
-        path = f"/v1/exports/{export_id}/executions"
-        first = None
-        if max_pages >= 1:
-            first = await self._page(path, {}, 0, page_size, pick)
-            for item in first.items:
-                if isinstance(item, Execution):
-                    return item
-            if not first.items or not first.has_more:
-                return None
-        walk = self._iter_pages(path, {}, page_size, pick, max_pages=max_pages, first_page=first)
+        walk = self._iter_pages(f"/v1/exports/{export_id}/executions", {}, page_size, pick, max_pages=max_pages)
         async with contextlib.aclosing(walk) as items:
             async for item in items:
                 if isinstance(item, Execution):
