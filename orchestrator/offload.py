@@ -1,18 +1,16 @@
 """Blocking file work (fsync, rename, a small file's write) off the event loop, cheaply.
 
-``anyio.to_thread.run_sync`` costs the event loop ~90–130 µs per call on the 2-vCPU
-benchmark machine (measured: a forced turn of the loop, a capacity limiter, a cancel
+``anyio.to_thread.run_sync`` pays for a forced turn of the loop, a capacity limiter, a cancel
 scope, a ``queue.Queue`` whose ``Condition.notify`` showed in the scale benchmark's profile,
-a copied context). A 1,000-export run makes ~3 such hops per export (the small file's
-write, its commit, a share of the manifest journal's fsyncs). :func:`run_sync` does the
-same job with a ``SimpleQueue`` (its wake-up is C) to a few long-lived daemon threads and
-``call_soon_threadsafe`` back: ~20–60 µs.
+and a copied context, at every call. A 1,000-export run makes ~3 such hops per export (the
+small file's write, its commit, a share of the manifest journal's fsyncs). :func:`run_sync`
+does the same job with a ``SimpleQueue`` (its wake-up is C) to a few long-lived daemon
+threads and ``call_soon_threadsafe`` back.
 
 Why not the standard library's ``loop.run_in_executor`` with a ``ThreadPoolExecutor``: it
-costs more (all threads' CPU per call, timing 20,000 calls of a no-op through each in one
-run: anyio 256–276 µs, an executor 145–149 µs, this 109–111 µs), and its threads are
-joined at interpreter exit, so one fsync stuck on a dying disk would hold a SIGTERMed run
-past its grace period; these threads are daemons.
+costs more (all threads' CPU per hop, `python benchmarks/offload_hop.py`, one run: anyio 191 µs,
+an executor 98 µs, this 68 µs), and its threads are joined at interpreter exit, so one fsync
+stuck on a dying disk would hold a SIGTERMed run past its grace period; these threads are daemons.
 
 Same contract as anyio's, for what this project uses of it:
 
