@@ -191,6 +191,9 @@ async def _fetch(
         target,
         tag=execution_id,
         compression=compression,
+        # Nothing records what an earlier, killed `download` had (no manifest, so no validator
+        # for If-Range): its part file is deleted, never continued. Cuts within one run resume.
+        resume=False,
     )
 
 

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 JobLog = logging.LoggerAdapter[logging.Logger]
 
+MAX_VALIDATOR_CHARS = 256
+"""A longer ETag / Last-Modified is not recorded (it is server text bound for the manifest)."""
+
 
 class Fetcher:
     """Downloads the results of a run's SUCCEEDED executions into its sink."""
@@ -58,8 +61,14 @@ class Fetcher:
         assert export_id is not None
         dest = self.sink.target(output_name(job.name, job.compression), execution.id, stale)
         # A part file is ours to resume only if the manifest recorded this very execution's
-        # download (a killed run): anything else under its name was planted or is stale.
-        resume = rec.execution_id == execution.id and rec.status in (JobStatus.DOWNLOADING, JobStatus.SUCCEEDED)
+        # download (a killed run): anything else under its name was planted or is stale. And
+        # only with the file's validator recorded, sent as If-Range: a file that changed since
+        # is downloaded again, never continued (a complete one is checked by its sha256 below).
+        resume = rec.execution_id == execution.id and (
+            rec.status is JobStatus.SUCCEEDED
+            or (rec.status is JobStatus.DOWNLOADING and rec.file_validator is not None)
+        )
+        validator = rec.file_validator if resume else None
         # Ours: an earlier success, or a file a guard failed but on_guard_failure: keep left there.
         ours_at_dest = rec.path == dest.name and (rec.status is JobStatus.SUCCEEDED or rec.guard is not None)
         # Killed between the record and the rename: the part file must still be what was recorded.
@@ -72,13 +81,26 @@ class Fetcher:
         def progress(n: int) -> None:
             live.downloaded = n
 
+        def learned(tag: str) -> None:
+            # Server text bound for the manifest: an odd one is not kept (the part file then
+            # cannot be resumed by a rerun, only downloaded again).
+            if len(tag) <= MAX_VALIDATOR_CHARS and tag.isprintable() and not self.api.transport.secret.echoed_in(tag):
+                rec.validated(tag)
+                self.writer.mark()  # Durability.SOON: the next group commit carries it
+
         # One retry budget for the whole download: a restart from byte 0 after a content change
         # opens a new stream on the same budget, so the restarts never multiply its tries.
         budget = self.api.retry.budget(resumable=True)
         with storage_fails_job():
             part = await receive(
                 lambda start: self.api.stream_result(
-                    export_id, execution.id, technical_name=execution.technical_name, start=start, budget=budget
+                    export_id,
+                    execution.id,
+                    technical_name=execution.technical_name,
+                    start=start,
+                    budget=budget,
+                    validator=validator if start else None,
+                    on_validator=learned,
                 ),
                 dest,
                 DownloadOptions.of(job),

@@ -151,6 +151,10 @@ class JobRecord:
     """How the file was known complete: content-length, content-range, chunked, end-probe or unverified."""
     creating_since: int | None = None
     """Epoch ms just before a create-execution request whose answer is not yet recorded."""
+    file_validator: str | None = None
+    """The result file's validator (a strong ETag, else Last-Modified) from its download's first
+    answer: sent as ``If-Range`` when a killed run's part file is resumed, so that a file that
+    changed in between is downloaded again, never continued (no validator: never resumed)."""
     etag: str | None = None
     """In a bucket: the object's ETag once complete (a rerun trusts ``sha256`` while it is unchanged)."""
     object_size: int | None = None
@@ -221,7 +225,7 @@ class JobRecord:
         self.attempts += 1
         self.status = JobStatus.PENDING
         self.error = None  # error_file stays: the last failed attempt's file is still worth reading
-        self.bytes = self.records = self.sha256 = self.path = None
+        self.bytes = self.records = self.sha256 = self.path = self.file_validator = None
         self.invalid_lines, self.invalid_line_numbers = 0, []
         return Durability.SOON
 
@@ -249,6 +253,12 @@ class JobRecord:
         """The download starts: on disk before the part file grows (what lets a rerun resume it)."""
         self.status = JobStatus.DOWNLOADING
         return Durability.NOW
+
+    def validated(self, validator: str) -> Durability:
+        """The download's first answer named the file's validator. Marked: a kill before the next
+        write leaves a part file without one, which the rerun downloads again from byte 0."""
+        self.file_validator = validator
+        return Durability.SOON
 
     def succeeded(self, path: str, result: Received) -> Durability:
         """The complete file, recorded before it is committed: on disk first, so that a kill
@@ -354,6 +364,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "query_id": _OPTIONAL_STR,
     "length_check": _OPTIONAL_STR,
     "creating_since": _OPTIONAL_INT,
+    "file_validator": _OPTIONAL_STR,
     "etag": _OPTIONAL_STR,
     "object_size": _OPTIONAL_INT,
     "guard": (dict, type(None)),

@@ -31,9 +31,10 @@ another validator, or a 200 whose validator does not prove the same content (RFC
 If-Range not matched), raises :class:`ContentChangedError`: the caller discards what it
 has and starts again from byte 0 (:func:`orchestrator.download.download` does). A 200
 carrying the *same* strong validator is a server that ignores Range: the bytes already
-had are skipped. A stream opened at ``start > 0`` (a part file of an earlier run) has no
-validator to send: the part file is resumed only when the manifest recorded that same
-execution (immutable on the platform), and the first answer's validator guards the rest.
+had are skipped. A stream opened at ``start > 0`` (a part file of an earlier, killed run)
+is given the validator that run recorded (``validator``) and sends it from its first request:
+a part file of another content is never continued. ``on_validator`` hears each validator a
+stream learns from a first answer, for the caller to record.
 
 A 2xx whose Content-Type cannot be NDJSON (HTML, XML, images, ...: a proxy's error
 page) is a transient server error (:class:`UnexpectedContentError`), retried like a 5xx.
@@ -49,7 +50,7 @@ import contextlib
 import functools
 import logging
 import zlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,18 +126,13 @@ async def _open(
     )
     cut = transport.secret.cut
     if resp.status == 416:
-        # Asked from exactly the end: nothing left, if the server agrees on the size.
+        # Asked from exactly the end: nothing left, if the server's size is pos (the stream judges).
         unit, _, total_text = header(resp, "Content-Range").strip().partition(" */")
         resp.release()
         total = byte_count(total_text) if unit.lower() == "bytes" else None
-        if total == pos:
-            return _Answer(None, pos)
-        raise ApiError(
-            416,
-            f"cannot resume at byte {pos} (size {'unknown' if total is None else total})",
-            method="GET",
-            path=path,
-        )
+        if total is not None:
+            return _Answer(None, total)
+        raise ApiError(416, f"cannot resume at byte {pos} (size unknown)", method="GET", path=path)
     problem = None
     transfer = header(resp, "Transfer-Encoding")
     content_type = header(resp, "Content-Type") or None
@@ -172,6 +168,8 @@ class ResumableStream:
         start: int,
         chunk_bytes: int,
         budget: Budget | None = None,
+        validator: str | None = None,
+        on_validator: Callable[[str], None] | None = None,
     ) -> None:
         self.transport = transport
         self.policy = policy
@@ -181,12 +179,15 @@ class ResumableStream:
         self.chunk_bytes = chunk_bytes
         self.length_check: str | None = None
         """Set once the stream is exhausted: one of :data:`LENGTH_CHECKS`."""
-        self.validator: str | None = None
+        self.validator = validator if start > 0 else None
+        """The file's validator: given (a resume across runs) or the first answer's."""
+        self._given = self.validator is not None  # the bytes before start are of this validator's content
+        self._on_validator = on_validator
         self.total: int | None = None
         self.budget = budget or policy.budget(resumable=True)
         """The stream's one retry budget: opens and cuts alike (the caller's, when the stream
         is one part of its operation: a download restarted after a content change)."""
-        self._answered = False  # a stream opened at start > 0 trusts its first answer (see above)
+        self._answered = False  # without a given validator, a stream at start > 0 trusts its first answer
         self._probing = False  # the last body had no stated length, or none at all: is pos its end?
         self._ranges = True  # False after an encoded answer: ranges of it cannot be inflated
         self._empty_checked = False  # an empty answer is believed only once asked again
@@ -214,6 +215,10 @@ class ResumableStream:
             if answer is None:
                 return
             if answer.resp is None:
+                if answer.total != self.pos:
+                    # "Nothing after byte N" for N short of the bytes had: the file is not the
+                    # one they came from (a changed file, a part file of another content).
+                    raise self._changed(f"a 416 says the file has {answer.total} bytes, {self.pos} were had")
                 if self.total is not None and answer.total != self.total:
                     # "Nothing after byte N" from a server that stated a larger size: a 416
                     # cannot shorten a file, a changed one can (start again, never end short).
@@ -314,7 +319,7 @@ class ResumableStream:
             # If-Range was sent: a server that honours it and still has the same content
             # sends that validator back (RFC 9110 §15.3.7). A weak one, or none, proves nothing.
             raise self._changed(f"validator {self.validator} became {tag or 'none (or a weak one)'}")
-        self.validator = self.validator or tag
+        self._learned(tag)
         _, last, total = parsed
         if total is not None and self.total is not None and total != self.total:
             raise self._changed(f"size {self.total} became {total}")
@@ -337,20 +342,27 @@ class ResumableStream:
                     extra={"event": "length_unverified", "offset": self.pos},
                 )
                 return False
-            if not same and self._answered:
+            if not same and (self._answered or self._given):
                 raise self._changed(
                     f"HTTP 200 to a resume with If-Range {self.validator}, validator {tag}"
                     if self.validator
                     else "HTTP 200 to a resume, and no validator to prove the content is the same"
                 )
             body.skip = self.pos  # same content, Range ignored: skip what we already have
-        self.validator = self.validator or tag
+        self._learned(tag)
         length = byte_count(resp.headers.get("Content-Length"))
         if body.inflater is None and length is not None:
             if self.total is not None and length != self.total:
                 raise self._changed(f"size {self.total} became {length}")
             self.total = body.end = length
         return True
+
+    def _learned(self, tag: str | None) -> None:
+        """The first answer's validator (if any) guards every later range, and is told."""
+        if self.validator is None and tag is not None:
+            self.validator = tag
+            if self._on_validator is not None:
+                self._on_validator(tag)
 
     async def _read(self, resp: aiohttp.ClientResponse, body: _Body) -> AsyncGenerator[bytes, None]:
         """The body's new bytes (inflated, what was had skipped); raises a cut when it ends

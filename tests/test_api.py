@@ -54,6 +54,7 @@ from orchestrator.errors import (
 from orchestrator.models import Execution, ExecutionStatus, Export, Page, QueryCheck
 from orchestrator.retry import PollSchedule, RetryPolicy
 from orchestrator.simulator import Faults, Simulator
+from orchestrator.stream import ContentChangedError
 from orchestrator.transport import Secret, Throttle, error_from
 
 pytestmark = pytest.mark.anyio
@@ -289,16 +290,16 @@ async def test_stream_result_from_an_offset(start: int) -> None:
 
 
 async def test_stream_result_from_the_end_is_empty_and_past_the_end_is_an_error() -> None:
-    """Resuming a complete file yields nothing; resuming past its end is an ApiError 416, not a short file."""
+    """Resuming a complete file yields nothing; resuming past its end says the file is not the one the
+    bytes had came from (ContentChangedError, naming both sizes: the download restarts), never a short file."""
     spec = fast_spec("1", size_bytes=10_000)
     async with Simulator(sim_config(spec)) as sim, client(sim) as api:
         exe_id = await succeeded(api, "1")
         size = spec.result().size
         assert await collect(api.stream_result("1", exe_id, start=size)) == b""
-        with pytest.raises(ApiError) as caught:
+        with pytest.raises(ContentChangedError) as caught:
             await collect(api.stream_result("1", exe_id, start=size + 10))
-        assert caught.value.status == 416
-        assert str(size) in str(caught.value)
+        assert f"has {size} bytes, {size + 10} were had" in str(caught.value)
         assert_no_token(caught.value)
 
 

@@ -9,6 +9,7 @@ sees it) runs ``mics-export`` in a subprocess; the rest calls its ``main()`` in 
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -98,6 +99,14 @@ def test_sigterm_mid_download_removes_the_temp_file_and_rerun_completes(tmp_path
     assert created == 1
 
 
+def _validator_recorded(out: Path) -> bool:
+    """The download's ETag (``file_validator``) is in manifest.json or its journal (a group commit came)."""
+    return any(
+        p.is_file() and re.search(rb'"file_validator": ?"', p.read_bytes())
+        for p in (out / "manifest.json", out / ".manifest.journal")
+    )
+
+
 def test_kill_9_mid_download_then_rerun_resumes_with_range(tmp_path: Path) -> None:
     """After kill -9 mid-download the rerun continues from the bytes on disk (Range) and the file is byte-exact."""
     big = ExportSpec("1", size_bytes=6 * MIB, pending_s=0.01, running_s=0.02, shape="user")
@@ -106,8 +115,8 @@ def test_kill_9_mid_download_then_rerun_resumes_with_range(tmp_path: Path) -> No
         out = tmp_path / "out"
         proc = start_cli("run", str(path), env=cli_env(sim.url))
         part = wait_for(
-            lambda: [p for p in out.glob(".big.ndjson.*.part") if p.stat().st_size > MIB],
-            what="1 MiB on disk",
+            lambda: [p for p in out.glob(".big.ndjson.*.part") if p.stat().st_size > MIB and _validator_recorded(out)],
+            what="1 MiB on disk and the file's validator in the manifest",
         )[0]
         proc.kill()
         proc.wait(timeout=10)

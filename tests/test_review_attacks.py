@@ -4,8 +4,8 @@ Each test runs the real CLI (``support.cli_in_process``) or the real download pa
 loopback server (:class:`review_servers.FakeApi` behind :mod:`hostile`) and checks one of the
 promises: a failed job with one clear line and exit 1, never a file under its final name that
 differs from the server's bytes, never a SUCCEEDED entry with the wrong sha256 or records, no
-traceback, no token. Tests marked ``xfail(strict=True)`` are faults found by the review: their
-reason says what happens and where the cause is.
+traceback, no token. A fault the review finds is first kept here as ``xfail(strict=True)``
+with its cause as the reason, until it is fixed (none is open).
 
 Over ~350 lines on purpose: the review's attacks are kept in one file (numbered sections), so
 that the faults it found are listed in one place; the fake API they share is review_servers.py.
@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import pytest
 from hostile import HostileThread, Request, Wire, json_wire
-from review_servers import DATA, ETAG, FakeApi, envelope_list, export_of, range_start
+from review_servers import DATA, ETAG, FakeApi, envelope_list, export_of, honest, range_start
 from support import TOKEN, cli_env, cli_in_process, jobs_by_name, leftovers, read_manifest_if_any, write_jobs
 
 N = len(DATA)
@@ -494,24 +494,57 @@ def test_a_part_file_longer_than_the_file_is_not_a_dead_end(tmp_path: Path) -> N
     assert_exact_or_failed(proc, entry, out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the first answer's validator is not recorded with the DOWNLOADING state (record.py keeps etag only "
-        "for buckets), so a stream opened at start > 0 (stream.py: 'a stream opened at start > 0 has no "
-        "validator to send') trusts whatever 206 comes: a part file of an older content is continued with "
-        "the new one, SUCCEEDED with a mix (relies on executions' files being immutable, which NOTES.md "
-        "does not confirm)"
-    ),
-)
-def test_a_resume_across_a_kill_after_the_file_changed_is_never_a_mix(tmp_path: Path) -> None:
-    """kill -9 after 10,000 bytes of the old file; on the rerun the server has another one (new ETag): no mix."""
-    fake = _killed_while_downloading(tmp_path, OTHER[:10_000])
+@pytest.mark.parametrize("recorded", [None, '"v0"'], ids=["no-validator-recorded", "old-validator-recorded"])
+def test_a_resume_across_a_kill_after_the_file_changed_is_never_a_mix(tmp_path: Path, recorded: str | None) -> None:
+    """kill -9 after 10,000 bytes of the old file (its ETag "v0" recorded, or none); the server now has
+    another file (ETag "v1", If-Range ignored): the rerun downloads it whole, never a mix."""
+    fake = _killed_while_downloading(tmp_path, OTHER[:10_000], file_validator=recorded)
+    ranges: list[tuple[str | None, str | None]] = []
+    answer = fake.download
+
+    async def download(req: Request) -> Wire:
+        ranges.append((req.headers.get("range"), req.headers.get("if-range")))
+        return await answer(req)
+
+    fake.download = download  # type: ignore[method-assign]
     proc, entry, out = run_fake(tmp_path, fake)
     assert_clean(proc, out)
-    assert entry is not None
-    if entry["status"] == "SUCCEEDED":
-        assert (out / "j.ndjson").read_bytes() in (DATA, OTHER), "a mix of two files"
+    assert entry is not None and entry["status"] == "SUCCEEDED", proc.stderr
+    assert (out / "j.ndjson").read_bytes() == DATA, "a mix of two files"
+    assert entry["file_validator"] == ETAG
+    # With "v0" recorded, the resume asks with If-Range "v0"; the 206 of "v1" restarts it from byte 0.
+    assert ranges[0] == (("bytes=10000-", recorded) if recorded else (None, None))
+
+
+def test_a_part_file_of_the_recorded_validator_is_resumed_with_if_range(tmp_path: Path) -> None:
+    """kill -9 after 10,000 bytes with ETag "v1" recorded: the rerun asks only for the rest, with If-Range."""
+    fake = _killed_while_downloading(tmp_path, DATA[:10_000], file_validator=ETAG)
+    ranges: list[tuple[str | None, str | None]] = []
+    answer = fake.download
+
+    async def download(req: Request) -> Wire:
+        ranges.append((req.headers.get("range"), req.headers.get("if-range")))
+        return await answer(req)
+
+    fake.download = download  # type: ignore[method-assign]
+    proc, entry, out = run_fake(tmp_path, fake)
+    assert_exact_or_failed(proc, entry, out)
+    assert entry is not None and entry["status"] == "SUCCEEDED", proc.stderr
+    assert ranges == [("bytes=10000-", ETAG)]
+
+
+@pytest.mark.parametrize("etag", [f'"{TOKEN}"', '"' + "e" * 300 + '"'], ids=["echoes-token", "300-chars"])
+def test_an_odd_file_validator_is_never_recorded(tmp_path: Path, etag: str) -> None:
+    """An ETag that echoes the token, or of 300 characters: the file is had, the validator not kept."""
+    fake = FakeApi()
+    fake.download = lambda req: _answer(honest(DATA, req, etag=etag))  # type: ignore[method-assign]
+    proc, entry, out = run_fake(tmp_path, fake)
+    assert assert_exact_or_failed(proc, entry, out) == "SUCCEEDED"
+    assert entry is not None and entry["file_validator"] is None
+
+
+async def _answer(wire: Wire) -> Wire:
+    return wire
 
 
 def test_a_complete_part_file_that_no_longer_hashes_as_recorded_is_not_renamed(tmp_path: Path) -> None:
@@ -663,3 +696,14 @@ def test_download_to_stdout_that_cannot_finish_exits_1(tmp_path: Path) -> None:
     assert_clean(proc, tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert len([line for line in proc.stderr.splitlines() if "error" in line]) == 1, proc.stderr
+
+
+def test_download_command_never_continues_a_part_file_left_by_a_killed_download(tmp_path: Path) -> None:
+    """A part file of another content at `download`'s part name (a killed earlier `download`): the file is
+    downloaded whole, never continued (nothing recorded the validator of those bytes)."""
+    (tmp_path / ".f.ndjson.700.part").write_bytes(OTHER[:10_000])
+    target = tmp_path / "f.ndjson"
+    proc = _download_cmd(tmp_path, FakeApi(), "-o", str(target))
+    assert_clean(proc, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert target.read_bytes() == DATA
