@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import orjson
 
 
 class BodyCut(aiohttp.ClientPayloadError):
@@ -33,6 +34,16 @@ def cannot_be_ndjson(content_type: str | None) -> bool:
         return False
     major, _, sub = media.partition("/")
     return major in _NOT_NDJSON_MAJOR or "html" in sub or "xml" in sub or media in _NOT_NDJSON
+
+
+def is_error_envelope(body: bytes) -> bool:
+    """Whether a whole body is the API's JSON error envelope (``{"status": "error", "error": ...}``),
+    which the API may serve where a file was asked for (NOTES.md: errors on a download endpoint)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(doc, dict) and doc.get("status") == "error" and "error" in doc
 
 
 def validator_of(resp: aiohttp.ClientResponse) -> str | None:
@@ -137,5 +148,6 @@ __all__ = [
     "coding_list",
     "content_range",
     "header",
+    "is_error_envelope",
     "validator_of",
 ]

@@ -66,10 +66,11 @@ from orchestrator.framing import (
     coding_list,
     content_range,
     header,
+    is_error_envelope,
     validator_of,
 )
 from orchestrator.retry import Budget, RetryPolicy
-from orchestrator.transport import Transport
+from orchestrator.transport import Transport, error_from
 
 log = logging.getLogger("orchestrator.stream")
 
@@ -89,6 +90,7 @@ class UnexpectedContentError(TransportError):
 class _Answer:
     resp: aiohttp.ClientResponse | None  # None: a 416 confirming the end
     total: int | None = None
+    head: bytes = b""  # the body's first bytes, read by _open
 
 
 @dataclass
@@ -153,7 +155,43 @@ async def _open(
     if problem is not None:
         resp.release()
         raise TransportError(f"GET {path}: {problem}")
-    return _Answer(resp)
+    head = b""
+    if pos is None and resp.status == 200 and _is_json(content_type) and not header(resp, "Content-Encoding"):
+        # The API's JSON error envelope served with 200 where the file was asked for is an
+        # error, retried like a 5xx, never a one-record result (a JSON body of another kind,
+        # or longer than an envelope, is the file: its first bytes are passed on).
+        head, whole = await _first_bytes(resp, ENVELOPE_BYTES)
+        if whole and is_error_envelope(head):
+            resp.release()
+            error = str(error_from(200, head, "GET", path, None, transport.secret))
+            raise UnexpectedContentError(f"{error}: the API's error envelope instead of the file")
+    return _Answer(resp, head=head)
+
+
+ENVELOPE_BYTES = 1 << 16
+"""A 200 JSON body up to this size is read whole, to tell the API's error envelope from a file."""
+
+
+def _is_json(content_type: str | None) -> bool:
+    return (content_type or "").partition(";")[0].strip().lower() == "application/json"
+
+
+async def _first_bytes(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit + 1`` bytes of a body, and whether that is all of it (its end was reached)."""
+    buf = bytearray()
+    while len(buf) <= limit:
+        data = await resp.content.read(limit + 1 - len(buf))
+        if not data:
+            return bytes(buf), True
+        buf += data
+    return bytes(buf), False
+
+
+async def _chunks(resp: aiohttp.ClientResponse, head: bytes, size: int) -> AsyncGenerator[bytes, None]:
+    if head:
+        yield head
+    async for raw in resp.content.iter_chunked(size):
+        yield raw
 
 
 class ResumableStream:
@@ -232,7 +270,7 @@ class ResumableStream:
                     if self.length_check is not None:
                         return
                     continue
-                async with contextlib.aclosing(self._read(resp, body)) as chunks:
+                async with contextlib.aclosing(self._read(resp, body, answer.head)) as chunks:
                     async for data in chunks:
                         yield data
             except _CUTS as exc:
@@ -364,11 +402,12 @@ class ResumableStream:
             if self._on_validator is not None:
                 self._on_validator(tag)
 
-    async def _read(self, resp: aiohttp.ClientResponse, body: _Body) -> AsyncGenerator[bytes, None]:
-        """The body's new bytes (inflated, what was had skipped); raises a cut when it ends
-        before what its framing, its encoding or its stated length promised."""
+    async def _read(self, resp: aiohttp.ClientResponse, body: _Body, head: bytes) -> AsyncGenerator[bytes, None]:
+        """The body's new bytes (``head``, its first ones read already, then the rest; inflated,
+        what was had skipped); raises a cut when it ends before what its framing, its encoding
+        or its stated length promised."""
         start_pos, skip, end, inflater = self.pos, body.skip, body.end, body.inflater
-        async for raw in resp.content.iter_chunked(self.chunk_bytes):
+        async for raw in _chunks(resp, head, self.chunk_bytes):
             for data in inflater.feed(raw) if inflater is not None else (raw,):
                 if skip:
                     if len(data) <= skip:

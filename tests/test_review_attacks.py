@@ -57,16 +57,19 @@ def assert_clean(proc: subprocess.CompletedProcess[str], out: Path) -> None:
         assert leftovers(out) == []
 
 
-def assert_exact_or_failed(proc: subprocess.CompletedProcess[str], entry: dict[str, Any] | None, out: Path) -> str:
-    """The headline promise: SUCCEEDED only with the server's exact bytes; otherwise FAILED, exit 1,
-    one error line, no file under the final name. Returns the entry's status."""
+def assert_exact_or_failed(
+    proc: subprocess.CompletedProcess[str], entry: dict[str, Any] | None, out: Path, data: bytes = DATA
+) -> str:
+    """The headline promise: SUCCEEDED only with the server's exact bytes (``data``); otherwise FAILED,
+    exit 1, one error line, no file under the final name. Returns the entry's status."""
     assert_clean(proc, out)
     assert entry is not None, proc.stderr
     final = out / "j.ndjson"
     if entry["status"] == "SUCCEEDED":
         assert proc.returncode == 0, proc.stderr
-        assert final.read_bytes() == DATA
-        assert entry["sha256"] == SHA and entry["bytes"] == N and entry["records"] == 1500
+        assert final.read_bytes() == data
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["bytes"] == len(data)
+        assert entry["records"] == data.count(b"\n")
         return "SUCCEEDED"
     assert proc.returncode == 1, proc.stderr
     assert not final.exists(), f"a {final.stat().st_size}-byte file under the final name of a {entry['status']} job"
@@ -659,6 +662,43 @@ def test_a_403_from_the_storage_host_of_a_redirect_fails_that_job_not_the_run(tm
     assert entries["a"]["status"] == "FAILED" and "403" in entries["a"]["error"]
     assert "refused the token" not in entries["a"]["error"], entries["a"]["error"]
     assert (out / "b.ndjson").read_bytes() == DATA
+
+
+# -- 12. the API's error envelope served with 200 where the file was asked for --------------------------
+ENVELOPE = b'{"status":"error","error":"Internal server error","error_id":"e-77"}'
+JSON = [("Content-Type", "application/json")]
+
+
+def test_an_error_envelope_served_as_the_file_is_retried_never_saved(tmp_path: Path) -> None:
+    """200 application/json with the API's error envelope, then the file: exact, the envelope never saved."""
+    fake = FakeApi()
+    fake.download = first_then(Wire(200, JSON, ENVELOPE), lambda req: honest(DATA, req))  # type: ignore[method-assign]
+    proc, entry, out = run_fake(tmp_path, fake)
+    assert assert_exact_or_failed(proc, entry, out) == "SUCCEEDED"
+    assert fake.seen["download"] >= 2
+
+
+def test_an_error_envelope_every_time_fails_the_job_saying_so(tmp_path: Path) -> None:
+    """The envelope at every try: the job FAILS naming the API's message and error_id; no file."""
+    fake = FakeApi()
+    fake.download = lambda req: _answer(Wire(200, JSON, ENVELOPE))  # type: ignore[method-assign]
+    proc, entry, out = run_fake(tmp_path, fake, retries=0)
+    assert assert_exact_or_failed(proc, entry, out) == "FAILED"
+    assert entry is not None
+    assert "Internal server error" in entry["error"] and "e-77" in entry["error"], entry["error"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b'{"status":"error","code":1}\n', b'{"status":"ok","error":"none"}\n', DATA],
+    ids=["no-error-key", "status-ok", "80-kB"],
+)
+def test_a_json_result_that_is_no_error_envelope_is_the_file(tmp_path: Path, data: bytes) -> None:
+    """A result served as application/json that is not the envelope (or is 80 kB) is saved byte for byte."""
+    fake = FakeApi(data=data)
+    fake.download = lambda req: _answer(Wire(200, JSON, data))  # type: ignore[method-assign]
+    proc, entry, out = run_fake(tmp_path, fake)
+    assert assert_exact_or_failed(proc, entry, out, data) == "SUCCEEDED"
 
 
 # -- 11. the same attacks through `mics-export download` -----------------------------------------------
