@@ -33,6 +33,11 @@ JOURNAL_NAME = ".manifest.journal"
 log = logging.getLogger("orchestrator.manifest")
 
 
+MAX_MANIFEST_BYTES = 256 << 20
+"""A manifest larger than this is not read: a planted or runaway file, not a run's (10,000 jobs
+make ~8 MB)."""
+
+
 class ManifestReadError(UsageError):
     """The manifest of an earlier run is there but cannot be read (not a regular file...)."""
 
@@ -53,6 +58,11 @@ def load_previous(path: Path) -> Manifest | None:
         raise ManifestReadError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(info.st_mode):
         raise ManifestReadError(f"{path} is not a regular file: move it out of the way")
+    if info.st_size > MAX_MANIFEST_BYTES:
+        # Read whole, it would cost its size in memory: no run writes one this large.
+        raise ManifestReadError(
+            f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a run's manifest: move it out of the way"
+        )
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -303,6 +313,7 @@ def load_manifest(path: Path) -> Manifest | None:
 __all__ = [
     "JOURNAL_NAME",
     "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
     "Journal",
     "ManifestReadError",
     "Replay",

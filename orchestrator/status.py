@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import EXIT_FAILED, EXIT_OK, UsageError
+from orchestrator.journal import MAX_MANIFEST_BYTES
 from orchestrator.manifest import (
     JOURNAL_NAME,
     MANIFEST_NAME,
@@ -145,8 +146,6 @@ def _read_bucket(url: str) -> tuple[str, bytes, bool | None]:
     return location.url(key), data, alive
 
 
-MAX_MANIFEST_BYTES = 256 << 20
-"""A manifest larger than this is not read: it would be a planted or runaway file, not a run's."""
 
 
 def _read_local(path: Path) -> bytes:

@@ -462,3 +462,16 @@ def test_manifest_json_is_what_from_bytes_reads() -> None:
     doc = Manifest(jobs={"a": rec})
     assert Manifest.from_bytes(doc.to_bytes()).jobs["a"] == rec
     assert orjson.loads(doc.to_bytes())["jobs"][0]["creating_since"] == 123
+
+
+def test_a_rerun_over_a_planted_huge_manifest_refuses_it_without_reading_it(tmp_path: Path) -> None:
+    """A (sparse) 300 MiB manifest.json: one line naming it and exit 2, before a byte of it is read or moved."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / MANIFEST_NAME, "wb") as planted:
+        planted.truncate(300 << 20)
+    jobs = write_jobs(tmp_path, [{"name": "j", "export_id": "1"}])
+    proc = cli_in_process("run", str(jobs), env=cli_env("http://127.0.0.1:9"))
+    assert proc.returncode == 2, proc.stderr
+    assert "larger than 256 MiB" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert (out / MANIFEST_NAME).stat().st_size == 300 << 20
