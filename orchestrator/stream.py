@@ -160,7 +160,12 @@ async def _open(
         # The API's JSON error envelope served with 200 where the file was asked for is an
         # error, retried like a 5xx, never a one-record result (a JSON body of another kind,
         # or longer than an envelope, is the file: its first bytes are passed on).
-        head, whole = await _first_bytes(resp, ENVELOPE_BYTES)
+        try:
+            with transport.errors(f"GET {path}"):  # a cut here is a failed open: asked again
+                head, whole = await _first_bytes(resp, ENVELOPE_BYTES)
+        except BaseException:
+            resp.release()
+            raise
         if whole and is_error_envelope(head):
             resp.release()
             error = str(error_from(200, head, "GET", path, None, transport.secret))

@@ -701,6 +701,16 @@ def test_a_json_result_that_is_no_error_envelope_is_the_file(tmp_path: Path, dat
     assert assert_exact_or_failed(proc, entry, out, data) == "SUCCEEDED"
 
 
+def test_a_json_file_cut_within_its_first_bytes_is_resumed(tmp_path: Path) -> None:
+    """200 application/json (read whole to tell an envelope) cut at byte 100, then the rest: exact."""
+    fake = FakeApi()
+    fake.download = first_then(  # type: ignore[method-assign]
+        Wire(200, [*JSON, ("ETag", ETAG)], DATA, cut_at=100), lambda req: honest(DATA, req)
+    )
+    proc, entry, out = run_fake(tmp_path, fake)
+    assert assert_exact_or_failed(proc, entry, out) == "SUCCEEDED"
+
+
 # -- 11. the same attacks through `mics-export download` -----------------------------------------------
 def _download_cmd(tmp_path: Path, fake: FakeApi, *out: str) -> subprocess.CompletedProcess[str]:
     fake.executions.append({**fake.new_execution(), "id": "700", "export": "1"})
