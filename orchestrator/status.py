@@ -146,8 +146,6 @@ def _read_bucket(url: str) -> tuple[str, bytes, bool | None]:
     return location.url(key), data, alive
 
 
-
-
 def _read_local(path: Path) -> bytes:
     """The manifest's bytes: a regular file (never a pipe that blocks), at most MAX_MANIFEST_BYTES."""
     try:
