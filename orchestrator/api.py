@@ -424,19 +424,21 @@ class ApiClient:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         budget: Budget | None = None,
         validator: str | None = None,
-        on_validator: Callable[[str], None] | None = None,
+        total: int | None = None,
+        on_validator: Callable[[str, int], None] | None = None,
     ) -> ResumableStream:
         """The result file's bytes from offset ``start``, in chunks of up to ``chunk_bytes``
         (a :class:`~orchestrator.stream.ResumableStream`: resumed after a cut, byte-exact).
         ``budget``: the caller's (resumable), when this stream is one part of its operation.
-        ``validator``: what an earlier run recorded of the bytes before ``start`` (sent as
-        If-Range); ``on_validator`` hears the validator of a first answer, to record it."""
+        ``validator``, ``total``: what an earlier run recorded of the file whose bytes before
+        ``start`` it kept (If-Range is sent; every size stated must be ``total``);
+        ``on_validator`` hears the validator and size of a first answer, to record them."""
         if self.transport.secret.echoed_in(technical_name):
             # Never put the token in a URL (NOTES.md), even one that echoes it back.
             raise MalformedResponseError("result.output_files[0]", "echoes the request's credentials")
         path = f"/v1/exports/{export_id}/executions/{execution_id}/files/technical_name={technical_name}"
         return ResumableStream(
-            self.transport, self.retry, path, None, start, chunk_bytes, budget, validator, on_validator
+            self.transport, self.retry, path, None, start, chunk_bytes, budget, validator, on_validator, total
         )
 
     def stream_data_file(

@@ -23,7 +23,7 @@ plus one line held back (at most ``max_line_bytes``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path, PurePath
@@ -211,6 +211,7 @@ async def receive(
     *,
     resume: bool = False,
     on_progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], Awaitable[None]] | None = None,
     pool: ValidatorPool | None = None,
 ) -> CompletedPart:
     """Stream ``open_stream(start)`` into ``target``, checked: the complete part, not yet visible.
@@ -219,7 +220,9 @@ async def receive(
     the download); then, with no compression, a part file left by an earlier, killed run
     is continued from its size, if it is a plain file of ours (:mod:`orchestrator.part_file`);
     otherwise it is deleted. A bucket target never resumes. ``on_progress`` gets the byte
-    count so far (uncompressed). With a ``pool``, lines are checked by worker processes.
+    count so far (uncompressed); ``on_start(offset)`` is awaited before each stream is opened
+    (from the part file's size, then from 0 after a restart), before its first byte is written.
+    With a ``pool``, lines are checked by worker processes.
     On any failure or cancellation the part is removed (the upload aborted).
 
     Completeness: the stream's ``length_check`` (a :class:`~orchestrator.stream.ResumableStream`;
@@ -237,6 +240,7 @@ async def receive(
             start,
             compression=options.compression,
             on_progress=on_progress,
+            on_start=on_start,
             pool=pool,
             queue_chunks=options.queue_chunks,
             max_line_bytes=options.max_line_bytes,

@@ -66,9 +66,9 @@ class Fetcher:
         # is downloaded again, never continued (a complete one is checked by its sha256 below).
         resume = rec.execution_id == execution.id and (
             rec.status is JobStatus.SUCCEEDED
-            or (rec.status is JobStatus.DOWNLOADING and rec.file_validator is not None)
+            or (rec.status is JobStatus.DOWNLOADING and None not in (rec.file_validator, rec.file_size))
         )
-        validator = rec.file_validator if resume else None
+        validator, size = (rec.file_validator, rec.file_size) if resume else (None, None)
         # Ours: an earlier success, or a file a guard failed but on_guard_failure: keep left there.
         ours_at_dest = rec.path == dest.name and (rec.status is JobStatus.SUCCEEDED or rec.guard is not None)
         # Killed between the record and the rename: the part file must still be what was recorded.
@@ -81,12 +81,16 @@ class Fetcher:
         def progress(n: int) -> None:
             live.downloaded = n
 
-        def learned(tag: str) -> None:
+        def learned(tag: str, total: int) -> None:
             # Server text bound for the manifest: an odd one is not kept (the part file then
             # cannot be resumed by a rerun, only downloaded again).
             if len(tag) <= MAX_VALIDATOR_CHARS and tag.isprintable() and not self.api.transport.secret.echoed_in(tag):
-                rec.validated(tag)
+                rec.validated(tag, total)
                 self.writer.mark()  # Durability.SOON: the next group commit carries it
+
+        async def starting(start: int) -> None:
+            if start == 0 and (rec.file_validator, rec.file_size) != (None, None):
+                await self.writer.persist(rec.rewriting())  # never a validator for other bytes
 
         # One retry budget for the whole download: a restart from byte 0 after a content change
         # opens a new stream on the same budget, so the restarts never multiply its tries.
@@ -100,12 +104,14 @@ class Fetcher:
                     start=start,
                     budget=budget,
                     validator=validator if start else None,
+                    total=size if start else None,
                     on_validator=learned,
                 ),
                 dest,
                 DownloadOptions.of(job),
                 resume=resume,
                 on_progress=progress,
+                on_start=starting,
                 pool=self.pool,
             )
             async with part:  # removed (the upload aborted) unless committed

@@ -36,16 +36,6 @@ def cannot_be_ndjson(content_type: str | None) -> bool:
     return major in _NOT_NDJSON_MAJOR or "html" in sub or "xml" in sub or media in _NOT_NDJSON
 
 
-def is_error_envelope(body: bytes) -> bool:
-    """Whether a whole body is the API's JSON error envelope (``{"status": "error", "error": ...}``),
-    which the API may serve where a file was asked for (NOTES.md: errors on a download endpoint)."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(doc, dict) and doc.get("status") == "error" and "error" in doc
-
-
 def validator_of(resp: aiohttp.ClientResponse) -> str | None:
     """The answer's strong validator: its ETag unless weak, else Last-Modified."""
     etag = resp.headers.get("ETag")
@@ -136,6 +126,31 @@ class Decoder:
     def eof(self) -> bool:
         """Every coding reached the end of its stream (the gzip trailers checked)."""
         return all(layer.eof for layer in self.layers)
+
+
+def is_error_envelope(body: bytes, codings: list[str], limit: int) -> bool:
+    """Whether a whole body, once its ``codings`` are undone (at most ``limit`` bytes of it), is
+    the API's JSON error envelope (``{"status": "error", "error": ...}``), which the API may
+    serve where a file was asked for (NOTES.md: errors on a download endpoint)."""
+    if codings:
+        if any(c not in INFLATED for c in codings):
+            return False
+        decoder, out = Decoder(codings, limit + 1), bytearray()
+        try:
+            for piece in decoder.feed(body):
+                out += piece
+                if len(out) > limit:
+                    return False
+        except (zlib.error, BodyCut):
+            return False  # not a whole compressed body: the stream's own decoder says so
+        if not decoder.eof:
+            return False
+        body = bytes(out)
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(doc, dict) and doc.get("status") == "error" and "error" in doc
 
 
 __all__ = [

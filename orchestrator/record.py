@@ -155,6 +155,8 @@ class JobRecord:
     """The result file's validator (a strong ETag, else Last-Modified) from its download's first
     answer: sent as ``If-Range`` when a killed run's part file is resumed, so that a file that
     changed in between is downloaded again, never continued (no validator: never resumed)."""
+    file_size: int | None = None
+    """The size that first answer stated: a resume's 416 or ``Content-Range`` must agree with it."""
     etag: str | None = None
     """In a bucket: the object's ETag once complete (a rerun trusts ``sha256`` while it is unchanged)."""
     object_size: int | None = None
@@ -225,7 +227,7 @@ class JobRecord:
         self.attempts += 1
         self.status = JobStatus.PENDING
         self.error = None  # error_file stays: the last failed attempt's file is still worth reading
-        self.bytes = self.records = self.sha256 = self.path = self.file_validator = None
+        self.bytes = self.records = self.sha256 = self.path = self.file_validator = self.file_size = None
         self.invalid_lines, self.invalid_line_numbers = 0, []
         return Durability.SOON
 
@@ -254,11 +256,17 @@ class JobRecord:
         self.status = JobStatus.DOWNLOADING
         return Durability.NOW
 
-    def validated(self, validator: str) -> Durability:
-        """The download's first answer named the file's validator. Marked: a kill before the next
-        write leaves a part file without one, which the rerun downloads again from byte 0."""
-        self.file_validator = validator
+    def validated(self, validator: str, size: int) -> Durability:
+        """The download's first answer named the file's validator and size. Marked: a kill before
+        the next write leaves a part file without them, which the rerun downloads again."""
+        self.file_validator, self.file_size = validator, size
         return Durability.SOON
+
+    def rewriting(self) -> Durability:
+        """The part file is written from byte 0 again: what was recorded of the bytes it held is
+        forgotten on disk first, so that a kill never leaves a validator for other bytes."""
+        self.file_validator = self.file_size = None
+        return Durability.NOW
 
     def succeeded(self, path: str, result: Received) -> Durability:
         """The complete file, recorded before it is committed: on disk first, so that a kill
@@ -365,6 +373,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "length_check": _OPTIONAL_STR,
     "creating_since": _OPTIONAL_INT,
     "file_validator": _OPTIONAL_STR,
+    "file_size": _OPTIONAL_INT,
     "etag": _OPTIONAL_STR,
     "object_size": _OPTIONAL_INT,
     "guard": (dict, type(None)),

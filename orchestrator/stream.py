@@ -32,9 +32,10 @@ If-Range not matched), raises :class:`ContentChangedError`: the caller discards 
 has and starts again from byte 0 (:func:`orchestrator.download.download` does). A 200
 carrying the *same* strong validator is a server that ignores Range: the bytes already
 had are skipped. A stream opened at ``start > 0`` (a part file of an earlier, killed run)
-is given the validator that run recorded (``validator``) and sends it from its first request:
-a part file of another content is never continued. ``on_validator`` hears each validator a
-stream learns from a first answer, for the caller to record.
+is given the validator and size that run recorded (``validator``, ``total``) and sends the
+validator from its first request: a part file of another content is never continued, and a
+416 or ``Content-Range`` must agree with the size. ``on_validator`` hears the validator and
+size a stream learns from its first answer, for the caller to record.
 
 A 2xx whose Content-Type cannot be NDJSON (HTML, XML, images, ...: a proxy's error
 page) is a transient server error (:class:`UnexpectedContentError`), retried like a 5xx.
@@ -156,8 +157,9 @@ async def _open(
         resp.release()
         raise TransportError(f"GET {path}: {problem}")
     head = b""
-    if pos is None and resp.status == 200 and _is_json(content_type) and not header(resp, "Content-Encoding"):
-        # The API's JSON error envelope served with 200 where the file was asked for is an
+    if not pos and resp.status == 200 and _is_json(content_type):
+        # The API's JSON error envelope served with 200 where the file was asked for (from
+        # byte 0: the whole file, or the check of an empty answer), gzipped or not, is an
         # error, retried like a 5xx, never a one-record result (a JSON body of another kind,
         # or longer than an envelope, is the file: its first bytes are passed on).
         try:
@@ -166,7 +168,8 @@ async def _open(
         except BaseException:
             resp.release()
             raise
-        if whole and is_error_envelope(head):
+        codings = [c for c in coding_list(header(resp, "Content-Encoding")) if c != "identity"]
+        if whole and is_error_envelope(head, codings, ENVELOPE_BYTES):
             resp.release()
             error = str(error_from(200, head, "GET", path, None, transport.secret))
             raise UnexpectedContentError(f"{error}: the API's error envelope instead of the file")
@@ -212,7 +215,8 @@ class ResumableStream:
         chunk_bytes: int,
         budget: Budget | None = None,
         validator: str | None = None,
-        on_validator: Callable[[str], None] | None = None,
+        on_validator: Callable[[str, int], None] | None = None,
+        total: int | None = None,
     ) -> None:
         self.transport = transport
         self.policy = policy
@@ -226,7 +230,7 @@ class ResumableStream:
         """The file's validator: given (a resume across runs) or the first answer's."""
         self._given = self.validator is not None  # the bytes before start are of this validator's content
         self._on_validator = on_validator
-        self.total: int | None = None
+        self.total: int | None = total if self._given else None
         self.budget = budget or policy.budget(resumable=True)
         """The stream's one retry budget: opens and cuts alike (the caller's, when the stream
         is one part of its operation: a download restarted after a content change)."""
@@ -347,6 +351,9 @@ class ResumableStream:
             body.end = self._expect_range(resp, validator_of(resp))
         elif not self._expect_whole(resp, body, validator_of(resp)):
             return None
+        tell = None if self._answered or self._given else self._on_validator
+        if tell is not None and self.validator is not None and self.total is not None:
+            tell(self.validator, self.total)  # what a resume after a kill needs
         self._answered = True
         return body
 
@@ -401,11 +408,9 @@ class ResumableStream:
         return True
 
     def _learned(self, tag: str | None) -> None:
-        """The first answer's validator (if any) guards every later range, and is told."""
+        """The first answer's validator (if any) guards every later range."""
         if self.validator is None and tag is not None:
             self.validator = tag
-            if self._on_validator is not None:
-                self._on_validator(tag)
 
     async def _read(self, resp: aiohttp.ClientResponse, body: _Body, head: bytes) -> AsyncGenerator[bytes, None]:
         """The body's new bytes (``head``, its first ones read already, then the rest; inflated,

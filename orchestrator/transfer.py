@@ -30,7 +30,7 @@ import os
 import queue
 import threading
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -362,11 +362,14 @@ async def _transfer(
     *,
     compression: str,
     on_progress: Callable[[int], None] | None,
+    on_start: Callable[[int], Awaitable[None]] | None = None,
     pool: ValidatorPool | None,
     queue_chunks: int,
     max_line_bytes: int | None,
 ) -> tuple[int, Any, LineStats, Any]:
-    """Stream into ``target`` from ``start``; (bytes, digest, stats, stream) once all is written."""
+    """Stream into ``target`` from ``start``; (bytes, digest, stats, stream) once all is written.
+    ``on_start(offset)`` is awaited before each stream is opened (from ``start``, then from 0
+    after each restart): before any byte of it reaches the target."""
     writer: _Writer | None = None
     try:
         restarts = 0
@@ -378,6 +381,8 @@ async def _transfer(
             checker: Checker = _InlineFirst(inline, pool, max_line_bytes) if pool else InlineChecker(inline)
             received = start
             writer = _Writer(target, _compressor(compression), digest, queue_chunks)
+            if on_start is not None:
+                await on_start(start)
             stream = open_stream(start)
             try:
                 async for chunk in stream:

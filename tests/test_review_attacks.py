@@ -501,7 +501,7 @@ def test_a_part_file_longer_than_the_file_is_not_a_dead_end(tmp_path: Path) -> N
 def test_a_resume_across_a_kill_after_the_file_changed_is_never_a_mix(tmp_path: Path, recorded: str | None) -> None:
     """kill -9 after 10,000 bytes of the old file (its ETag "v0" recorded, or none); the server now has
     another file (ETag "v1", If-Range ignored): the rerun downloads it whole, never a mix."""
-    fake = _killed_while_downloading(tmp_path, OTHER[:10_000], file_validator=recorded)
+    fake = _killed_while_downloading(tmp_path, OTHER[:10_000], file_validator=recorded, file_size=N)
     ranges: list[tuple[str | None, str | None]] = []
     answer = fake.download
 
@@ -514,14 +514,14 @@ def test_a_resume_across_a_kill_after_the_file_changed_is_never_a_mix(tmp_path: 
     assert_clean(proc, out)
     assert entry is not None and entry["status"] == "SUCCEEDED", proc.stderr
     assert (out / "j.ndjson").read_bytes() == DATA, "a mix of two files"
-    assert entry["file_validator"] == ETAG
+    assert (entry["file_validator"], entry["file_size"]) == (ETAG, N)
     # With "v0" recorded, the resume asks with If-Range "v0"; the 206 of "v1" restarts it from byte 0.
     assert ranges[0] == (("bytes=10000-", recorded) if recorded else (None, None))
 
 
 def test_a_part_file_of_the_recorded_validator_is_resumed_with_if_range(tmp_path: Path) -> None:
     """kill -9 after 10,000 bytes with ETag "v1" recorded: the rerun asks only for the rest, with If-Range."""
-    fake = _killed_while_downloading(tmp_path, DATA[:10_000], file_validator=ETAG)
+    fake = _killed_while_downloading(tmp_path, DATA[:10_000], file_validator=ETAG, file_size=N)
     ranges: list[tuple[str | None, str | None]] = []
     answer = fake.download
 
