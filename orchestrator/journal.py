@@ -226,15 +226,23 @@ def _apply(manifest: Manifest, raw: bytes) -> None:
 
 
 def read_journal(path: Path) -> bytes:
-    """The journal's bytes (empty when there is none, or it is not a regular file)."""
+    """The journal's bytes (empty when there is none, or it is not a regular file).
+
+    Raises ManifestReadError for one over :data:`MAX_MANIFEST_BYTES` (read whole, it would cost
+    its size in memory; compaction keeps a run's well under it)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return b""
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
             return b""
-        return f.read()
+        if info.st_size > MAX_MANIFEST_BYTES:
+            raise ManifestReadError(
+                f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a run's journal: move it out of the way"
+            )
+        return f.read(MAX_MANIFEST_BYTES)
 
 
 def read_manifest_with_journal(path: Path) -> Manifest:
@@ -245,6 +253,8 @@ def read_manifest_with_journal(path: Path) -> Manifest:
     the file cannot be read, ValueError when it is not a manifest; a torn or damaged
     journal is used up to its last good line (read-only: nothing is moved).
     """
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB")
     manifest = Manifest.from_bytes(path.read_bytes())
     replay_journal(manifest, read_journal(path.with_name(JOURNAL_NAME)))
     return manifest
@@ -306,7 +316,7 @@ def load_manifest(path: Path) -> Manifest | None:
     """The manifest at ``path`` with its journal replayed, or None if none or unreadable."""
     try:
         return read_manifest_with_journal(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, ManifestReadError):
         return None
 
 

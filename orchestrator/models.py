@@ -314,8 +314,8 @@ class Page:
         """A page from a list envelope, as asked with ``first`` and ``size``; items built by ``item``.
 
         ``data`` must be a list (null or missing: an empty page). ``total``, ``first_result``
-        and ``max_results`` are read leniently: a ``total`` of ``"lots"`` is no total, and a
-        paging key that is not a number is taken to be what was asked.
+        and ``max_results`` (or a stray ``max_result``) are read leniently: a ``total`` of
+        ``"lots"`` is no total, and a paging key that is not a number is taken to be what was asked.
         """
         data = envelope.get("data")
         if data is None:
@@ -333,12 +333,15 @@ class Page:
                 field_ = f"data[{index}].{exc.field}" if exc.field != "data" else f"data[{index}]"
                 raise MalformedResponseError(field_, exc.problem) from None
         first_result = _int(envelope.get("first_result"))
-        max_results = _int(envelope.get("max_results"))
+        # The page size the server used: the smallest it states. Some lists carry a stray
+        # ``max_result`` (NOTES.md) that is the server's own cap on a page, whatever was asked:
+        # without a total, a page that long may be followed by another.
+        stated = [n for n in (_int(envelope.get("max_results")), _int(envelope.get("max_result"))) if n and n > 0]
         total = _int(envelope.get("total"))
         return cls(
             items=tuple(items),
             first_result=first_result if first_result is not None and first_result >= 0 else first,
-            max_results=max_results if max_results is not None and max_results > 0 else size,
+            max_results=min(stated) if stated else size,
             total=total if total is not None and total >= 0 else None,
         )
 
