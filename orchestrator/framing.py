@@ -3,7 +3,8 @@
 The pieces :class:`~orchestrator.stream.ResumableStream` reads an answer with: its strong
 validator, its ``Content-Range``, header lines joined as lists, whether a Content-Type can
 hold NDJSON, and gzip / deflate decoding that knows whether the compressed stream reached
-its end (aiohttp does not notice a gzip body cut before its trailer).
+its end (aiohttp does not notice a gzip body cut before its trailer); and a connection pool
+that never hands out a kept-alive connection holding an answer nobody asked for.
 """
 
 from __future__ import annotations
@@ -34,6 +35,24 @@ def cannot_be_ndjson(content_type: str | None) -> bool:
         return False
     major, _, sub = media.partition("/")
     return major in _NOT_NDJSON_MAJOR or "html" in sub or "xml" in sub or media in _NOT_NDJSON
+
+
+class CleanConnector(aiohttp.TCPConnector):
+    """A TCPConnector that closes, instead of reusing, a pooled connection on which bytes came
+    while it was idle (a proxy answering one request twice, garbage after a length).
+
+    aiohttp parses what an idle connection receives and hands it to the next request sent on
+    it as that request's answer: a stray 200 would become a file. Such a connection says
+    ``should_close`` (buffered input), as does one the transport marked after an error answer
+    (a second answer may still be on its way); aiohttp's own pool checks only that it is connected.
+    """
+
+    async def _get(self, key: Any, traces: Any) -> Any:  # aiohttp >= 3.10: a Connection or None
+        while True:
+            conn = await super()._get(key, traces)
+            if conn is None or conn.protocol is None or not conn.protocol.should_close:
+                return conn
+            conn.close()  # never read: the next pooled one, or a new connection
 
 
 def validator_of(resp: aiohttp.ClientResponse) -> str | None:
@@ -156,6 +175,7 @@ def is_error_envelope(body: bytes, codings: list[str], limit: int) -> bool:
 __all__ = [
     "INFLATED",
     "BodyCut",
+    "CleanConnector",
     "Decoder",
     "Inflater",
     "byte_count",

@@ -56,6 +56,7 @@ from orchestrator.errors import (
     TransientApiError,
     TransportError,
 )
+from orchestrator.framing import CleanConnector
 from orchestrator.models import error_text
 from orchestrator.retry import MAX_EXPONENT
 from orchestrator.secret import Secret
@@ -275,7 +276,7 @@ class Transport:
     async def __aenter__(self) -> Transport:
         t = self.timeouts
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.max_connections, ssl=True),
+            connector=CleanConnector(limit=self.max_connections, ssl=True),
             headers={
                 "Authorization": self.secret.reveal(),
                 "User-Agent": f"mics-export/{__version__}",
@@ -385,6 +386,14 @@ class Transport:
         retry_after = resp.headers.get("Retry-After")
         if resp.status == 429:
             self.throttle.on_throttled(parse_retry_after(retry_after))
+        else:
+            # Never used again: a proxy that errs may answer twice, and its second answer would be
+            # read as the next request's (a retry is sent at once). aiohttp has pooled the
+            # connection already when a short body came whole; marked, framing.CleanConnector
+            # closes it instead of reusing it.
+            protocol = getattr(resp, "_protocol", None)  # aiohttp >= 3.10 sets it in start()
+            if protocol is not None:
+                protocol.force_close()
         try:
             with self.errors(f"{method} {path}"):
                 data = await (resp.read() if limit is None else resp.content.read(limit))

@@ -165,14 +165,6 @@ def test_garbage_after_an_answers_length_on_a_kept_alive_connection_is_not_the_n
     assert assert_exact_or_failed(proc, entry, out) == "SUCCEEDED"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SUCCEEDED with the stray answer's bytes, not the server's file: aiohttp keeps parsing a pooled, idle "
-    "connection's input and hands the queued answer to the next request on it (connector._get reuses any "
-    "is_connected() protocol, even one whose should_close is true because of buffered data); the product sends "
-    "file GETs on that pool (transport.py Transport: one TCPConnector); a fix: a connector that refuses a pooled "
-    "protocol with should_close, or force_close for file GETs",
-)
 def test_a_second_answer_to_one_request_never_becomes_the_file(tmp_path: Path) -> None:
     """A 503 followed on the same kept-alive connection by a stray whole 200 answer (a proxy answering one request
     twice): the retried download gets the server's own file, never the stray answer's bytes."""
