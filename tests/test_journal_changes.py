@@ -15,12 +15,14 @@ from typing import Any
 import anyio
 import pytest
 
-import orchestrator.manifest as manifest_module
+from orchestrator import offload
+from orchestrator.journal import job_values
 from orchestrator.manifest import (
     JOURNAL_NAME,
     MANIFEST_NAME,
     JobRecord,
     JobStatus,
+    Journal,
     Manifest,
     ManifestWriteError,
     ManifestWriter,
@@ -57,13 +59,12 @@ async def test_an_append_looks_at_the_changed_jobs_only(tmp_path: Path, monkeypa
     m = _manifest()
     writer = await _compacted(tmp_path, m)
     looked: list[str] = []
-    real: Callable[[JobRecord], Any] = manifest_module.job_values
 
     def counted(rec: JobRecord) -> Any:
         looked.append(rec.name)
-        return real(rec)
+        return job_values(rec)
 
-    monkeypatch.setattr(manifest_module, "job_values", counted)
+    monkeypatch.setattr("orchestrator.manifest.job_values", counted)
     m.jobs["job-0007"].status = JobStatus.RUNNING
     m.jobs["job-0300"].num_tasks = 12
     await writer.save()
@@ -94,16 +95,16 @@ async def test_a_change_made_during_a_write_is_carried_by_the_next(
     """A record assigned to after a write's snapshot, while its fsync runs, is not dropped as written."""
     m = _manifest()
     writer = await _compacted(tmp_path, m)
-    real = manifest_module.offload.run_sync
+    real = offload.run_sync
 
     async def meanwhile(func: Callable[..., Any], *args: Any) -> Any:
         m.jobs["job-0002"].status = JobStatus.DOWNLOADING  # another task, while the I/O is away
         return await real(func, *args)
 
     m.jobs["job-0002"].status = JobStatus.RUNNING
-    monkeypatch.setattr(manifest_module.offload, "run_sync", meanwhile)
+    monkeypatch.setattr(offload, "run_sync", meanwhile)
     await writer.save()
-    monkeypatch.setattr(manifest_module.offload, "run_sync", real)
+    monkeypatch.setattr(offload, "run_sync", real)
     assert read_manifest_with_journal(tmp_path / MANIFEST_NAME).jobs["job-0002"].status is JobStatus.RUNNING
     await writer.save()
     assert _on_disk(tmp_path) == m.to_bytes()
@@ -121,7 +122,7 @@ async def test_a_change_whose_append_failed_is_written_by_the_next(
         raise OSError(28, "No space left on device")
 
     m.jobs["job-0003"].status = JobStatus.FAILED
-    monkeypatch.setattr(manifest_module.Journal, "append", full)
+    monkeypatch.setattr(Journal, "append", full)
     with pytest.raises(ManifestWriteError):
         await writer.save()
     monkeypatch.undo()
