@@ -36,6 +36,7 @@ import os
 import re
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,6 +68,7 @@ from orchestrator.journal import (
 from orchestrator.part_file import fsync_dir
 from orchestrator.record import (
     _CLOCK,
+    WATCHERS,
     Durability,
     JobRecord,
     JobStatus,
@@ -242,7 +244,11 @@ class ManifestWriter:
         self._reported: set[str] = set()
         # What is on disk (manifest.json + journal), per job and for the run: the next
         # append writes only what differs. Valid once a compaction succeeded (_base set).
-        self._seen = 0  # the _CLOCK tick up to which every record change is on disk
+        # The records assigned to since the last good write (record.WATCHERS fills it): an
+        # append looks at these, not at every job. Dropped from it once a write covered them.
+        self._touched: dict[int, JobRecord] = {}
+        WATCHERS.append(self._touched)
+        weakref.finalize(self, WATCHERS.remove, self._touched)
         self._disk_jobs: dict[str, tuple[Any, ...]] = {}
         self._disk_run: tuple[Any, ...] = ()
         self._base: str | None = None  # journal_id of the manifest.json on disk
@@ -362,10 +368,11 @@ class ManifestWriter:
     def _compacted(self, pending: _Pending, *, last: bool = False) -> None:
         self.compactions += 1
         self.bytes_written += len(pending.data)
+        self._covered(pending.clock)
         if self.journal is None:
             return
         self.manifest.journal_id = pending.journal_id
-        self._seen, self._disk_jobs, self._disk_run = pending.clock, pending.jobs, pending.run
+        self._disk_jobs, self._disk_run = pending.jobs, pending.run
         self._base, self._restart = pending.journal_id, True
         self._base_size, self._base_at, self._journal_since = len(pending.data), time.monotonic(), 0
         if last:
@@ -375,14 +382,21 @@ class ManifestWriter:
                 self.journal.remove()
 
     def _changed(self) -> _Pending:
-        """The journal lines of what changed since the last write (on the loop: a consistent view)."""
+        """The journal lines of what changed since the last write (on the loop: a consistent view).
+
+        The jobs looked at are the records assigned to since the last good write that are
+        this manifest's (not a replaced or another manifest's record), and any job whose name
+        the disk does not have yet (one added since, even with an older record: found when the
+        count of jobs outgrows what is on disk; jobs are never removed from a manifest).
+        """
         clock = next(_CLOCK)
         lines: list[bytes] = []
         jobs: dict[str, tuple[Any, ...]] = {}
-        seen, disk = self._seen, self._disk_jobs
-        for name, rec in self.manifest.jobs.items():
-            if rec._v <= seen and name in disk:
-                continue
+        disk, current = self._disk_jobs, self.manifest.jobs
+        changed = {rec.name: rec for rec in self._touched.values() if current.get(rec.name) is rec}
+        if len(current) > len(disk):
+            changed.update((name, rec) for name, rec in current.items() if name not in disk)
+        for name, rec in changed.items():
             now = job_values(rec)
             before = disk.get(name, JOB_DEFAULTS)
             diff = {k: v for k, v, b in zip(JOB_FIELDS, now, before, strict=True) if v != b or k == "name"}
@@ -396,8 +410,15 @@ class ManifestWriter:
         data = b"\n".join(lines) + b"\n" if lines else b""
         return _Pending(clock, data, jobs, run)
 
+    def _covered(self, clock: int) -> None:
+        """A write whose snapshot was taken at ``clock`` is on disk: the records not assigned
+        to since then need no look at the next write."""
+        touched = self._touched
+        for key in [key for key, rec in touched.items() if rec._v <= clock]:
+            del touched[key]
+
     def _appended(self, pending: _Pending, restart: str | None) -> None:
-        self._seen = pending.clock
+        self._covered(pending.clock)
         self._disk_jobs.update(pending.jobs)
         self._disk_run = pending.run
         written = len(pending.data) + (self._header_size if restart is not None else 0)

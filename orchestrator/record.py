@@ -100,6 +100,10 @@ class JobStatus(StrEnum):
 
 _CLOCK = itertools.count(1)
 """Ticks on every change of a job record (:meth:`JobRecord.__setattr__`)."""
+WATCHERS: list[dict[int, JobRecord]] = []
+"""The change sets of the live manifest writers (:class:`~orchestrator.manifest.ManifestWriter`):
+every assignment to a record puts it in each (by ``id``), so a writer's next write finds the
+records that changed without looking at all of them (a scan cost ~1 ms per write at 10,000 jobs)."""
 
 
 ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -179,6 +183,8 @@ class JobRecord:
         # in place (a list's append would reach disk only with the next compaction).
         object.__setattr__(self, name, value)
         object.__setattr__(self, "_v", next(_CLOCK))
+        for changed in WATCHERS:
+            changed[id(self)] = self
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JobRecord:
