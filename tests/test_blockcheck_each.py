@@ -92,20 +92,23 @@ def test_the_path_is_chosen_by_line_length(monkeypatch: pytest.MonkeyPatch, leng
     assert (each if path == "_check_each" else proof) and not (proof if path == "_check_each" else each)
 
 
-def test_a_failed_line_sends_only_its_part_to_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One invalid long line among many: the counts and its number are orjson's, the other parts stay on yyjson."""
-    checked: list[int] = []
-    real = blockcheck.check_lines
+def test_only_the_refused_lines_go_to_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invalid and blank long-line blocks: counts and numbers are orjson's, and orjson sees only the refused lines."""
+    judged: list[bytes] = []
+    real = blockcheck.classify
 
-    def counting(lines: list[bytes], stats: LineStats) -> None:
-        checked.append(len(lines))
-        real(lines, stats)
+    def spying(line: bytes) -> blockcheck.Verdict:
+        judged.append(line)
+        return real(line)
 
-    monkeypatch.setattr(blockcheck, "check_lines", counting)
+    monkeypatch.setattr(blockcheck, "classify", spying)
     record = b'{"id":"' + b"x" * 400 + b'"}'
     lines = [record] * 1000
     lines[600] = record[:-1]
+    lines[700] = b"   "
+    lines[800] = b"[" * 1025 + b"]" * 1025  # accepted by yyjson: settled by the depth check, not here
     stats = LineStats()
     check_block(b"\n".join(lines), stats)  # no final newline: the last line still counts
-    assert (stats.lines, stats.invalid_lines, stats.invalid_line_numbers) == (1000, 1, [601])
-    assert len(checked) == 1 and checked[0] < 200  # one part of ~32 KiB went to orjson, not the block
+    assert (stats.lines, stats.blank_lines, stats.invalid_lines) == (1000, 1, 2)
+    assert stats.invalid_line_numbers == [601, 801]
+    assert [line.strip() for line in judged] == [record[:-1], b""]
