@@ -111,7 +111,7 @@ class LineStats:
         self.invalid_lines += other.invalid_lines
 
     def settle(self, number: int, verdict: Verdict) -> None:
-        """Record the verdict on line ``number``, already counted in ``lines`` (a deferred line).
+        """Record the verdict on line ``number``, already counted in ``lines`` (deferred or re-checked).
 
         Lines after it may have been counted first, so an invalid number is inserted in
         order; the list keeps the smallest 100, which are the first 100.
