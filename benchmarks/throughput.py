@@ -4,8 +4,8 @@ For each record shape (small ~57 B lines, big ~460 B lines), in alternation, ≥
 
 - ceiling: `orchestrator.ndjson.LineChecker.feed` alone over the same bytes held in memory,
   one core, in this process (generated with `ResultFile(size, shape).iter_chunks()`): the
-  block validator (`orchestrator.blockcheck.check_block`, two yyjson parses per 32 KiB
-  part, exact fallback);
+  block validator (`orchestrator.blockcheck.check_block`: two yyjson parses per 32 KiB
+  part, or one yyjson document per line for long lines; exact fallback);
 - perline: the previous hot loop, `orjson.loads` on each line of the same chunks (the old
   one-core ceiling); "validator ≥ 3× per-line orjson" compares the two in the same run;
 - the same loop in 2 processes at once (summed): what both cores can parse together here;

@@ -11,7 +11,10 @@ approach runs over the same chunks on one core, approaches alternating every rep
   ``Raw`` + a UTF-8 check. pysimdjson and msgspec are optional: "not installed" if missing;
 - single batch: ~32 KiB of lines joined into one JSON array, one yyjson parse, the element
   count checked against the line count (per-line orjson when that fails);
-- the product: ``orchestrator.ndjson.LineChecker`` fed the chunks (the download path's call);
+- the product: ``orchestrator.ndjson.LineChecker`` fed the chunks (the download path's call):
+  lines proved by parts (two yyjson parses per ~32 KiB), or one yyjson document per line when
+  they are long (over ``blockcheck._LONG_LINE`` bytes on average: the big records);
+- the same with the proof forced on every part (the product before long lines had their path);
 - split only: ``bytes.split`` per chunk, no parse (the floor of a line-oriented design).
 
 Exactness: every approach's verdicts over a seeded differential corpus (``--corpus`` mutated
@@ -44,7 +47,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -56,6 +59,8 @@ from orchestrator.blockcheck import LineStats, Verdict, check_lines, classify
 from orchestrator.ndjson import LineChecker
 
 Parse = Callable[[bytes], object]
+T = TypeVar("T")
+R = TypeVar("R")
 PART = 32 << 10
 """Single batch parses ~32 KiB of lines at once: the product's part size (bigger parts are
 slower with yyjson, see orchestrator.blockcheck._PART_BYTES)."""
@@ -174,6 +179,20 @@ def line_checker(lines: list[bytes]) -> LineStats:
     return checker.finish()
 
 
+def proof_only(fn: Callable[[T], R]) -> Callable[[T], R]:
+    """``fn`` with blockcheck's per-line path off: every part proved by the two parses."""
+    from orchestrator import blockcheck
+
+    def run(arg: T) -> R:
+        saved, blockcheck._LONG_LINE = blockcheck._LONG_LINE, 1 << 62
+        try:
+            return fn(arg)
+        finally:
+            blockcheck._LONG_LINE = saved
+
+    return run
+
+
 def approaches() -> dict[str, Approach]:
     """Every approach; the optional libraries are imported here, lazily."""
     import orjson
@@ -202,6 +221,11 @@ def approaches() -> dict[str, Approach]:
     batch = "single batch: ~32 KiB of lines as one array, yyjson, count check"
     out["batch"] = Approach(batch, single_batch_mb_s, per_block=single_batch())
     out["product"] = Approach("the product: `LineChecker.feed` (blockcheck)", ceiling_mb_s, per_block=line_checker)
+    out["proof"] = Approach(
+        "the product with every part proved (no per-line path)",
+        proof_only(ceiling_mb_s),
+        per_block=proof_only(line_checker),
+    )
     out["split"] = Approach("split only, no parse (the floor)", split_only_mb_s)
     return out
 

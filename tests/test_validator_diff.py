@@ -1,8 +1,9 @@
 """The block validator against its oracle, per-line orjson: zero disagreements.
 
-`check_block` proves many lines' verdicts with two yyjson parses and falls back to the
-per-line orjson loop when the proof fails; a wrong proof would count a bad line as a
-record. Here per-line orjson (`reference`) judges:
+`check_block` proves many lines' verdicts with two yyjson parses, or parses long lines one
+yyjson document each, and falls back to the per-line orjson loop when that fails; a wrong
+proof would count a bad line as a record. Here per-line orjson (`reference`) judges, on both
+paths (the ``path`` fixture forces one):
 
 - mutated records (seeded, so every run tests the same lines): 200,000 by default,
   ``MICS_VALIDATOR_DIFF_FULL=1`` for 1,000,000 (the figure quoted in the report);
@@ -29,6 +30,7 @@ import yyjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from orchestrator import blockcheck
 from orchestrator.blockcheck import _lines_pass, has_line_over
 from orchestrator.ndjson import MAX_INVALID_LINE_NUMBERS, LineChecker, LineStats, check_block
 from orchestrator.workers import ValidatorPool, validator_pool
@@ -58,6 +60,18 @@ def fast(lines: list[bytes]) -> LineStats:
     stats = LineStats()
     check_block(b"".join(line + b"\n" for line in lines), stats)
     return stats
+
+
+PATHS = {"proof": 10**9, "each": 0}
+"""``_LONG_LINE`` values that force a path: the proof by parts (unless no newline is in
+sight), or one yyjson document per line."""
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """check_block takes the path named by the parameter, whatever the line lengths."""
+    monkeypatch.setattr(blockcheck, "_LONG_LINE", PATHS[request.param])
+    return str(request.param)
 
 
 # -- seeded mutations ---------------------------------------------------------------------
@@ -114,7 +128,7 @@ def deep(levels: int) -> bytes:
     return b'{"a":' * objects + b"[" * arrays + b"1" + b"]" * arrays + b"}" * objects
 
 
-def test_mutated_records_agree_with_per_line_orjson() -> None:
+def test_mutated_records_agree_with_per_line_orjson(path: str) -> None:
     """Seeded mutated records, in blocks of 1–8 lines, get exactly the per-line orjson verdicts."""
     rng = random.Random(20240614)
     done = accepted_with_mutants = 0
@@ -135,14 +149,14 @@ def test_mutated_records_agree_with_per_line_orjson() -> None:
 
 
 @pytest.mark.parametrize("levels", [1023, 1024, 1025, 1100])
-def test_depth_limit_matches_orjson(levels: int) -> None:
+def test_depth_limit_matches_orjson(levels: int, path: str) -> None:
     """A line nested more than 1024 deep is invalid, as for orjson, even when the block parse accepts it."""
     block = [b"{}", deep(levels), b"[1]"]
     assert fast(block) == reference(block)
     assert (fast(block).invalid_lines == 1) == (levels > 1024)
 
 
-def test_properties_the_grammar_does_not_see() -> None:
+def test_properties_the_grammar_does_not_see(path: str) -> None:
     """Overflowing numbers, big integers, surrogates, BOM, bad UTF-8, CRLF and JSON whitespace: as orjson."""
     cases = [b"1e400", b"[1e-400]", b"18446744073709551616", b"1" + b"0" * 400, b'"\\ud800"', b'"\\ud800\\udc00"',
              b"\xef\xbb\xbf{}", b'"\xed\xa0\x80"', b'"\xc3\xa9"', b'"\xc3"', b"{}\r", b"\r{}", b"\x0b", b"\x0c{}",
@@ -205,7 +219,7 @@ def test_every_three_line_block_of_up_to_two_characters() -> None:
         assert _lines_pass(b"%s\n%s\n%s\n" % (a, b, c), 3) == (ok[a] and ok[b] and ok[c]), (a, b, c)
 
 
-def test_blocks_with_short_lines_through_check_block() -> None:
+def test_blocks_with_short_lines_through_check_block(path: str) -> None:
     """A sample of those blocks through check_block itself: counts and invalid numbers as per-line orjson."""
     rng = random.Random(7)
     pieces = strings(3)
@@ -214,7 +228,7 @@ def test_blocks_with_short_lines_through_check_block() -> None:
         assert fast(block) == reference(block), block
 
 
-def test_join_traps_are_not_accepted() -> None:
+def test_join_traps_are_not_accepted(path: str) -> None:
     """Lines that only parse when joined (`[1` + `2]`, `1,2`) are judged one by one."""
     for block in ([b"[1", b"2]", b"3,4"], [b"[1],[2", b"3]"], [b'{"a":[{"b":1}', b'{"c":2}]}', b'{"x":1},{"y":2}'],
                   [b"[[1", b"],[2]]"], [b'"a', b'b"']):  # fmt: skip
@@ -227,7 +241,7 @@ STRING_TRAPS = [[b'"', b'",1'], [b'1,["a', b'b"]'], [b'{"a":"x', b'y"},{"b":2}',
 
 
 @pytest.mark.parametrize("block", STRING_TRAPS)
-def test_strings_run_on_across_lines_are_not_accepted(block: list[bytes]) -> None:
+def test_strings_run_on_across_lines_are_not_accepted(block: list[bytes], path: str) -> None:
     """Lines that parse only when a string runs on into the next line fool A alone, not the proof."""
     joined = b"[" + b",".join(block) + b",0]"  # the proof's A: lines joined without their newlines
     assert len(yyjson.Document(joined)) == len(block) + 1  # the trap: A alone counts one value per line
@@ -264,8 +278,9 @@ def lines_of(data: bytes) -> list[bytes]:
     return lines
 
 
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # path is the same for every example
 @given(lines=TRICKY, newline=st.booleans(), cuts=st.lists(st.integers(min_value=0), max_size=30))
-def test_any_chunking_in_process(lines: list[bytes], newline: bool, cuts: list[int]) -> None:
+def test_any_chunking_in_process(path: str, lines: list[bytes], newline: bool, cuts: list[int]) -> None:
     """LineChecker fed any chunking gives the per-line orjson result."""
     data = b"\n".join(line.replace(b"\n", b"") for line in lines) + (b"\n" if newline and lines else b"")
     checker = LineChecker()
@@ -301,7 +316,7 @@ async def test_any_chunking_through_the_worker_pool(
     assert await checker.finish() == reference(lines_of(data))
 
 
-def test_one_big_block_split_into_parts() -> None:
+def test_one_big_block_split_into_parts(path: str) -> None:
     """A block of many parts (mutants every 40 lines) gets the same counts and first 100 invalid numbers."""
     rng = random.Random(99)
     lines = [mutate(rng, line) if i % 40 == 0 else line for i, line in enumerate(rng.choices(BASES, k=60_000))]
@@ -315,7 +330,7 @@ SEAMS = [deep(1025), deep(1024), b"\xef\xbb\xbf{}", b"18446744073709551616", b"1
 
 
 @pytest.mark.parametrize("seam", SEAMS)
-def test_a_seam_case_anywhere_in_a_big_block(seam: bytes) -> None:
+def test_a_seam_case_anywhere_in_a_big_block(seam: bytes, path: str) -> None:
     """Each seam case at the start, inside, at a part boundary and at the end of a many-part block: as orjson."""
     rng = random.Random(len(seam))
     records = rng.choices(BASES[:3], k=3000)  # ~390 KB: several 64 KiB parts, cut again where a proof fails
@@ -324,7 +339,7 @@ def test_a_seam_case_anywhere_in_a_big_block(seam: bytes) -> None:
         assert fast(lines) == reference(lines), where
 
 
-def test_final_line_without_newline() -> None:
+def test_final_line_without_newline(path: str) -> None:
     """A range whose last line lacks its newline (the end of a file) counts that line once, as orjson."""
     for last in (b"{}", b"[1", b"  ", b"1e400"):
         lines = [BASES[0]] * 2000 + [last]
@@ -333,14 +348,14 @@ def test_final_line_without_newline() -> None:
         assert stats == reference(lines), last
 
 
-def test_a_block_of_only_invalid_and_blank_lines() -> None:
+def test_a_block_of_only_invalid_and_blank_lines(path: str) -> None:
     """Garbage everywhere (every proof fails, parts are cut down to per-line): the first 100 numbers and all counts."""
     rng = random.Random(3)
     lines = [rng.choice([b"{bad", b"[1,]", b"", b" ", b"\xff", b"}{"]) for _ in range(30_000)]
     assert fast(lines) == reference(lines)
 
 
-def test_check_block_reads_a_range_of_an_mmap() -> None:
+def test_check_block_reads_a_range_of_an_mmap(path: str) -> None:
     """The worker's call: a range of an mmap, checked in place, gives the counts of those lines alone."""
     lines = [BASES[i % len(BASES)] for i in range(5000)] + [b"{bad"]
     data = b"\n".join(lines) + b"\n"
