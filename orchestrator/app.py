@@ -29,6 +29,7 @@ import fcntl
 import functools
 import logging
 import os
+import signal
 import stat
 import threading
 import time
@@ -154,6 +155,9 @@ async def execute_async(options: RunOptions, console: Console | None, *, signals
     plan = make_plan(options)
     live = console is not None and console.live()
     async with contextlib.AsyncExitStack() as stack:
+        # Handled from the first step to the last release: a signal during the stop itself (a
+        # second SIGTERM while uploads abort) must not kill the process half-way through it.
+        received = stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT)) if signals else None
         sink, previous = await _open_output(stack, plan, console, live)
         api = await _connect(stack, plan)
         workers = default_workers() if options.workers is None else options.workers
@@ -188,7 +192,7 @@ async def execute_async(options: RunOptions, console: Console | None, *, signals
             f", resuming run {previous.run_id}" if previous else "",
             extra={"event": "run_started", "run_id": manifest.run_id, "workers": workers},
         )
-        code = await supervise(plan, runner, live, signals)
+        code = await supervise(plan, runner, live, received)
         await conclude(plan, sink, manifest, code)
     return RunResult(
         status=manifest.status,

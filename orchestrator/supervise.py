@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import AsyncIterator
 
 import anyio
 import anyio.abc
@@ -44,8 +45,11 @@ EXIT_INTERRUPTED = EXIT_SIGINT
 """A run stopped by Ctrl-C outside the signal watcher, or by its caller's cancellation."""
 
 
-async def supervise(plan: Plan, runner: Runner, live: bool, signals: bool) -> int:
-    """Run the jobs beside their watchers; whatever ends it, the manifest has the last word."""
+async def supervise(plan: Plan, runner: Runner, live: bool, signals: AsyncIterator[int] | None) -> int:
+    """Run the jobs beside their watchers; whatever ends it, the manifest has the last word.
+
+    ``signals``: SIGTERM / SIGINT as they come (the caller keeps them handled until its last
+    release); the first stops the run, later ones wait unheeded until the stop is done."""
     manifest, sink = runner.manifest, runner.sink
     received: list[signal.Signals] = []  # why the run stopped early (the deadline counts as one)
     crashed: BaseException | None = None
@@ -62,8 +66,8 @@ async def supervise(plan: Plan, runner: Runner, live: bool, signals: bool) -> in
                 tg.cancel_scope.cancel()
 
             _arm(plan, runner, tg, received)  # earlier runs, and the deadline watcher
-            if signals:
-                tg.start_soon(_watch_signals, tg, received)
+            if signals is not None:
+                tg.start_soon(_watch_signals, tg, received, signals)
             tg.start_soon(work)
             keep_alive = getattr(sink, "keep_alive", None)
             if keep_alive is not None:
@@ -83,13 +87,12 @@ async def supervise(plan: Plan, runner: Runner, live: bool, signals: bool) -> in
     return EXIT_OK if manifest.status is RunStatus.SUCCEEDED and written else EXIT_FAILED
 
 
-async def _watch_signals(tg: anyio.abc.TaskGroup, received: list[signal.Signals]) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            received.append(signal.Signals(signum))
-            log.warning("%s received: stopping", signal.Signals(signum).name, extra={"event": "interrupted"})
-            tg.cancel_scope.cancel()
-            return
+async def _watch_signals(tg: anyio.abc.TaskGroup, received: list[signal.Signals], signals: AsyncIterator[int]) -> None:
+    async for signum in signals:
+        received.append(signal.Signals(signum))
+        log.warning("%s received: stopping", signal.Signals(signum).name, extra={"event": "interrupted"})
+        tg.cancel_scope.cancel()
+        return
 
 
 async def _finish(runner: Runner, received: list[signal.Signals], crashed: BaseException | None) -> bool:
