@@ -73,11 +73,36 @@ def _construct_mapping(loader: yaml.constructor.SafeConstructor, node: yaml.Mapp
     return yaml.constructor.SafeConstructor.construct_mapping(loader, node, deep=deep)
 
 
+_PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+_PLAIN_FLOAT = re.compile(r"[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    """A plain decimal integer; any other YAML 1.1 integer (``0123`` octal, ``0x1F``, ``12:30``
+    base 60, ``1_000``) stays the text written: an id written ``0123`` must never become 83,
+    and a setting that is no number is then refused by name."""
+    text = str(loader.construct_scalar(node))
+    return yaml.constructor.SafeConstructor.construct_yaml_int(loader, node) if _PLAIN_INT.fullmatch(text) else text
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    """A plain decimal number (``.inf`` / ``.nan`` too, which the settings refuse by name);
+    YAML 1.1's ``1:30.5`` (base 60) or ``1_000.5`` stays the text written."""
+    text = str(loader.construct_scalar(node))
+    if _PLAIN_FLOAT.fullmatch(text) or text.lower().lstrip("+-") in (".inf", ".nan"):
+        return yaml.constructor.SafeConstructor.construct_yaml_float(loader, node)
+    return text
+
+
 class _Loader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping: the reference reader."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         return _construct_mapping(self, node, deep)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 _CSafeLoader: type[yaml.SafeLoader] | None = getattr(yaml, "CSafeLoader", None)  # None: PyYAML without libyaml
@@ -89,6 +114,9 @@ if _CSafeLoader is not None:
 
         def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
             return _construct_mapping(self, node, deep)
+
+    _CLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+    _CLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 _C_UNSURE = re.compile(r"[\t\x85\u2028\u2029!`@%?]|[|>]\S|(?<=.)\ufeff", re.DOTALL)

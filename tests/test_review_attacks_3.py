@@ -233,11 +233,6 @@ def test_a_bucket_that_refuses_every_write_midway_fails_the_run_with_exit_1(s3: 
 
 
 # -- 3. the job file: YAML 1.1 numbers that are not the digits written --------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="the run exports another export (0123 -> '83', 0x1F -> '31', 12:30 -> '750'): config_yaml.py's loader "
-    "keeps PyYAML's YAML 1.1 int resolver (octal, hex, sexagesimal), and config.py turns the int back into digits",
-)
 @pytest.mark.parametrize(("written", "read_as"), [("0123", "83"), ("0x1F", "31"), ("12:30", "750")])
 def test_an_unquoted_id_is_the_id_written_or_refused(tmp_path: Path, written: str, read_as: str) -> None:
     """`export_id: 0123` (a padded id, unquoted) is export 0123 or a one-line error (exit 2), never export 83."""
