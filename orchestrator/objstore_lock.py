@@ -150,14 +150,22 @@ class Lock:
         return True
 
 
+MAX_LEASE_S = 10 * 365 * 86400.0
+"""A holder's lease beyond this (or not finite) is unreadable: our own lease stands for it."""
+
+
 def _describe_holder(body: bytes | None) -> tuple[str, float | None]:
     """The holder's run id and lease from the lock's body (tolerating garbage)."""
     try:
         data = json.loads(body or b"")
         run_id = str(data.get("run_id", "?"))
         lease = data.get("lease_s")
-        return run_id, float(lease) if isinstance(lease, int | float) else None
-    except (ValueError, AttributeError):
+        # Read from the bucket, so anyone's: a lease that is no sane duration (NaN, 1e300,
+        # negative) is no lease at all, never a timedelta that overflows.
+        if isinstance(lease, int | float) and not isinstance(lease, bool) and 0 <= lease <= MAX_LEASE_S:
+            return run_id, float(lease)
+        return run_id, None
+    except (ValueError, AttributeError, OverflowError):
         return "?", None
 
 

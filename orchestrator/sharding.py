@@ -38,8 +38,10 @@ SHARD_INDEX_ENV = "JOB_COMPLETION_INDEX"
 SHARD_COUNT_ENV = "MICS_SHARD_COUNT"
 
 # ASCII digits only: str.isdigit() and int() also accept "٣" or "²", which nobody means.
-_SHARD_RE = re.compile(r"([0-9]+)/([0-9]+)")
-_INT_RE = re.compile(r"[0-9]+")
+_SHARD_RE = re.compile(r"([0-9]{1,9})/([0-9]{1,9})")
+_INT_RE = re.compile(r"[0-9]{1,9}")
+# At most 9 digits: no Job has a billion pods, and int() refuses 4,300 digits with a message
+# that names neither the variable nor --shard.
 
 
 def shard_of(name: str, count: int) -> int:
@@ -73,8 +75,14 @@ def parse_shard(text: str) -> tuple[int, int]:
     """
     match = _SHARD_RE.fullmatch(text.strip())
     if match is None:
-        raise ValueError(f"invalid shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
-    return _check_range(int(match[1]), int(match[2]), f"invalid shard {text!r}")
+        raise ValueError(
+            f"invalid --shard {_shown(text)!r}: expected I/N with 0 <= I < N, e.g. 0/4 (at most 9 digits each)"
+        )
+    return _check_range(int(match[1]), int(match[2]), f"invalid --shard {text!r}")
+
+
+def _shown(value: str) -> str:
+    return value if len(value) <= 40 else value[:40] + "..."
 
 
 def _env_int(environ: Mapping[str, str], variable: str) -> int:
@@ -82,7 +90,8 @@ def _env_int(environ: Mapping[str, str], variable: str) -> int:
     raw = environ[variable].strip()
     if _INT_RE.fullmatch(raw) is None:
         raise ValueError(
-            f"invalid environment variable {variable}={environ[variable]!r}: expected a non-negative integer"
+            f"invalid environment variable {variable}={_shown(environ[variable])!r}: expected a non-negative "
+            "integer of at most 9 digits"
         )
     return int(raw)
 

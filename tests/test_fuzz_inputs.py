@@ -394,7 +394,7 @@ def _refused(proc: subprocess.CompletedProcess[str], sim: SimulatorThread, says:
         (["run", "{jobs}", "--workers", "-1"], "'--workers'"),
         (["run", "{jobs}", "--log-format", "xml"], "'--log-format'"),
         (["run", "{jobs}", "--shard", "3/2"], "shard index 3 is out of range"),
-        (["run", "{jobs}", "--shard", "a/b"], "invalid shard 'a/b'"),
+        (["run", "{jobs}", "--shard", "a/b"], "invalid --shard 'a/b'"),
         (["run", "{jobs}", "--shard", "0/0"], "at least 1"),
         (["run", "{jobs}", "--only", ","], "names no job"),
         (["run", "{jobs}", "--only", ""], "names no job"),

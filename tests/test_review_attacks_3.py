@@ -78,11 +78,6 @@ def _clean(proc: subprocess.CompletedProcess[str] | None, stderr: str = "") -> N
 
 
 # -- 1. object storage: a run stopped or refused at the worst moment -----------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="unexpected OverflowError / ValueError, exit 1: objstore_lock.py:_describe_holder accepts any float as "
-    "lease_s, and acquire_lock / lock_alive pass it to timedelta(seconds=...) unchecked",
-)
 @pytest.mark.parametrize("lease", ["1e300", "NaN"])
 @pytest.mark.parametrize("command", ["run", "status"])
 def test_a_planted_lock_with_an_absurd_lease_is_one_line(
@@ -257,11 +252,6 @@ def test_an_unquoted_id_is_the_id_written_or_refused(tmp_path: Path, written: st
 
 
 # -- 5. shards: Indexed Job variables past Python's int conversion limit -------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="the line is Python's 'Exceeds the limit (4300 digits) for integer string conversion', naming neither "
-    "the variable nor --shard: sharding.py:_env_int and parse_shard call int() on any length of digits",
-)
 @pytest.mark.parametrize("where", ["JOB_COMPLETION_INDEX", "MICS_SHARD_COUNT", "--shard"])
 def test_a_shard_value_of_5000_digits_is_named_in_its_error(tmp_path: Path, where: str) -> None:
     """A shard index or count of 5,001 digits: exit 2, one line naming the variable (or --shard), nothing sent."""
