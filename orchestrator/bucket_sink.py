@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from orchestrator import objstore
+from orchestrator.journal import MAX_MANIFEST_BYTES
 from orchestrator.manifest import MANIFEST_NAME, JobRecord, Manifest, ManifestStore
 from orchestrator.sink import Sink
 from orchestrator.transfer import Output, Target
@@ -245,7 +246,7 @@ class BucketSink(Sink):
 
     async def read_previous(self) -> Manifest | None:
         key = self.location.key(MANIFEST_NAME)
-        data = await objstore.get_bytes(self.store, key)
+        data = await objstore.get_bytes(self.store, key, MAX_MANIFEST_BYTES)
         if data is None:
             return None
         try:

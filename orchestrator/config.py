@@ -440,11 +440,16 @@ def parse_job_file(data: Any, file: str = "<job file>") -> JobFile:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ConfigError(f"{_loc(file, raw_jobs, err['loc'])}: {_message(err)}") from None
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for job in job_file.jobs:
-        if job.name in seen:
+        other = seen.get(job.name.lower())
+        if other == job.name:
             raise ConfigError(f"{file}: job {job.name!r}: name: duplicate job name")
-        seen.add(job.name)
+        if other is not None:
+            # One file on a case-insensitive filesystem (macOS, Windows shares): one job's
+            # output would overwrite the other's, both reported SUCCEEDED.
+            raise ConfigError(f"{file}: job {job.name!r}: name: differs from job {other!r} only in case")
+        seen[job.name.lower()] = job.name
     return job_file
 
 

@@ -178,11 +178,19 @@ async def put_bytes(store: ObjectStore, key: str, data: bytes, *, mode: PutMode 
     return ObjectInfo(len(data), result["e_tag"])
 
 
-async def get_bytes(store: ObjectStore, key: str) -> bytes | None:
-    """The whole object, or ``None`` when there is none."""
+async def get_bytes(store: ObjectStore, key: str, max_bytes: int | None = None) -> bytes | None:
+    """The whole object, or ``None`` when there is none. One over ``max_bytes`` is not read:
+    StorageUsageError naming it (a manifest of that size is planted, not a run's)."""
     try:
         result = await obstore.get_async(store, key)
+        size = result.meta.get("size")
+        if max_bytes is not None and isinstance(size, int) and size > max_bytes:
+            raise StorageUsageError(
+                f"{_url_of(store, key)} is larger than {max_bytes >> 20} MiB, not a run's: move it out of the way"
+            )
         return bytes(await result.bytes_async())
+    except StorageUsageError:
+        raise
     except FileNotFoundError as exc:
         error = _map_error(exc, store, key, "cannot read")
         if isinstance(error, StorageUsageError):

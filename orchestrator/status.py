@@ -134,7 +134,7 @@ def _read_bucket(url: str) -> tuple[str, bytes, bool | None]:
 
     async def read() -> tuple[bytes | None, bool | None]:
         store = objstore.open_store(location)
-        data = await objstore.get_bytes(store, key)
+        data = await objstore.get_bytes(store, key, MAX_MANIFEST_BYTES)
         return data, await objstore.lock_alive(store, location.prefix) if data is not None else None
 
     try:

@@ -373,3 +373,22 @@ def test_keep_days_deletes_only_old_dated_prefixes_in_the_bucket(s3: S3Bucket, t
     ):
         assert kept in keys, kept
     assert "deleted run prefix" in done.stderr and "in use by another mics-export run" in done.stderr
+
+
+def test_a_planted_oversized_manifest_object_is_refused_unread(
+    s3: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest object over the limit (256 MiB, lowered here to 100 bytes): `status` and a rerun say so in one
+    line with exit 2, before reading it whole."""
+    import orchestrator.bucket_sink as bucket_sink_module
+    import orchestrator.status as status_module
+
+    monkeypatch.setattr(status_module, "MAX_MANIFEST_BYTES", 100)
+    monkeypatch.setattr(bucket_sink_module, "MAX_MANIFEST_BYTES", 100)
+    s3.client.put_object(Bucket=s3.bucket, Key="big/manifest.json", Body=b"{" + b" " * 200 + b"}")
+    proc = cli_in_process("status", f"s3://{s3.bucket}/big", env=cli_env())
+    assert proc.returncode == 2 and "is larger than" in proc.stderr, proc.stderr
+    path = _jobs(tmp_path, f"s3://{s3.bucket}/big", [{"name": "a", "export_id": "1"}])
+    rerun = cli_in_process("run", str(path), env=cli_env("http://127.0.0.1:9"))
+    assert rerun.returncode == 2 and "is larger than" in rerun.stderr, rerun.stderr
+    assert len(rerun.stderr.strip().splitlines()) <= 2, rerun.stderr

@@ -254,6 +254,7 @@ BAD_JOB_FILES = [
     ("version: 1\ncolour: red\njobs: [{name: a, export_id: '1'}]\n", "colour"),
     ("version: 1\njobs: [{name: a, export_id: '1', colour: red}]\n", "job 'a': colour"),
     ("version: 1\njobs: [{name: a, export_id: '1'}, {name: a, export_id: '2'}]\n", "duplicate"),
+    ("version: 1\njobs: [{name: Daily, export_id: '1'}, {name: daily, export_id: '2'}]\n", "only in case"),
     ("version: 1\njobs: [{name: ../evil, export_id: '1'}]\n", "name"),
     ("version: 1\njobs: [{name: a/b, export_id: '1'}]\n", "name"),
     ("version: 1\njobs: [{name: .hidden, export_id: '1'}]\n", "name"),
