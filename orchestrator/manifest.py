@@ -68,7 +68,6 @@ from orchestrator.journal import (
 from orchestrator.part_file import fsync_dir
 from orchestrator.record import (
     _CLOCK,
-    WATCHERS,
     Durability,
     JobRecord,
     JobStatus,
@@ -78,6 +77,8 @@ from orchestrator.record import (
     as_dict,
     now_iso,
     parse_iso,
+    unwatch,
+    watch,
 )
 
 log = logging.getLogger("orchestrator.manifest")
@@ -247,8 +248,8 @@ class ManifestWriter:
         # The records assigned to since the last good write (record.WATCHERS fills it): an
         # append looks at these, not at every job. Dropped from it once a write covered them.
         self._touched: dict[int, JobRecord] = {}
-        WATCHERS.append(self._touched)
-        weakref.finalize(self, WATCHERS.remove, self._touched)
+        watch(self._touched)
+        weakref.finalize(self, unwatch, self._touched)
         self._disk_jobs: dict[str, tuple[Any, ...]] = {}
         self._disk_run: tuple[Any, ...] = ()
         self._base: str | None = None  # journal_id of the manifest.json on disk

@@ -100,10 +100,24 @@ class JobStatus(StrEnum):
 
 _CLOCK = itertools.count(1)
 """Ticks on every change of a job record (:meth:`JobRecord.__setattr__`)."""
-WATCHERS: list[dict[int, JobRecord]] = []
+_WATCHING: tuple[dict[int, JobRecord], ...] = ()
 """The change sets of the live manifest writers (:class:`~orchestrator.manifest.ManifestWriter`):
 every assignment to a record puts it in each (by ``id``), so a writer's next write finds the
-records that changed without looking at all of them (a scan cost ~1 ms per write at 10,000 jobs)."""
+records that changed without looking at all of them (a scan cost ~1 ms per write at 10,000 jobs).
+A tuple replaced whole, never changed in place: a writer's finaliser (run by the garbage
+collector, at any allocation) cannot disturb an assignment's loop over it."""
+
+
+def watch(changes: dict[int, JobRecord]) -> None:
+    """From now on, every record assigned to is put in ``changes``."""
+    global _WATCHING
+    _WATCHING = (*_WATCHING, changes)
+
+
+def unwatch(changes: dict[int, JobRecord]) -> None:
+    """Stop filling ``changes`` (found by identity: two change sets may be equal)."""
+    global _WATCHING
+    _WATCHING = tuple(w for w in _WATCHING if w is not changes)
 
 
 ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -183,7 +197,7 @@ class JobRecord:
         # in place (a list's append would reach disk only with the next compaction).
         object.__setattr__(self, name, value)
         object.__setattr__(self, "_v", next(_CLOCK))
-        for changed in WATCHERS:
+        for changed in _WATCHING:
             changed[id(self)] = self
 
     @classmethod
@@ -492,4 +506,6 @@ __all__ = [
     "as_dict",
     "now_iso",
     "parse_iso",
+    "unwatch",
+    "watch",
 ]

@@ -148,3 +148,25 @@ def test_two_writers_at_once_each_journal_their_own_changes(tmp_path: Path) -> N
 
     anyio.run(main)
     assert _on_disk(tmp_path / "a") == ma.to_bytes() and _on_disk(tmp_path / "b") == mb.to_bytes()
+
+
+def test_a_dead_writer_never_stops_a_live_one_from_journaling(tmp_path: Path) -> None:
+    """A writer collected while a live one's change set equals its own (both empty): the live writer still
+    journals every later change (a finaliser that removed an *equal* change set silenced it)."""
+    import gc
+
+    (tmp_path / "dead").mkdir()
+    (tmp_path / "live").mkdir()
+    m, other = _manifest("live"), _manifest("dead")
+
+    async def main() -> None:
+        live = await _compacted(tmp_path / "live", m)
+        dead: ManifestWriter | None = ManifestWriter(other, tmp_path / "dead" / MANIFEST_NAME, journal=True)
+        assert dead is not None and live._touched == dead._touched == {}  # equal; the live one registered first
+        del dead
+        gc.collect()
+        m.jobs["live-0009"].status = JobStatus.RUNNING
+        await live.save()
+
+    anyio.run(main)
+    assert _on_disk(tmp_path / "live") == m.to_bytes()
