@@ -272,9 +272,11 @@ class JobRecord:
         return Durability.SOON
 
     def downloading(self) -> Durability:
-        """The download starts: on disk before the part file grows (what lets a rerun resume it)."""
+        """The download starts. Marked: what lets a rerun resume the part file is the file's
+        validator and size (:meth:`validated`, marked too); a kill before the next write costs
+        that rerun a download from byte 0, never a wrong file (the part file is not resumed)."""
         self.status = JobStatus.DOWNLOADING
-        return Durability.NOW
+        return Durability.SOON
 
     def validated(self, validator: str, size: int) -> Durability:
         """The download's first answer named the file's validator and size. Marked: a kill before
