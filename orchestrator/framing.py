@@ -147,6 +147,9 @@ class Decoder:
         return all(layer.eof for layer in self.layers)
 
 
+_ENVELOPE_KEYS = frozenset({"status", "error", "error_id", "error_code"})
+
+
 def is_error_envelope(body: bytes, codings: list[str], limit: int) -> bool:
     """Whether a whole body, once its ``codings`` are undone (at most ``limit`` bytes of it), is
     the API's JSON error envelope (``{"status": "error", "error": ...}``), which the API may
@@ -169,7 +172,9 @@ def is_error_envelope(body: bytes, codings: list[str], limit: int) -> bool:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         return False
-    return isinstance(doc, dict) and doc.get("status") == "error" and "error" in doc
+    # The envelope's keys and no other (NOTES.md): a one-record result that merely has a
+    # "status": "error" and an "error" among other keys is data.
+    return isinstance(doc, dict) and doc.get("status") == "error" and "error" in doc and doc.keys() <= _ENVELOPE_KEYS
 
 
 __all__ = [

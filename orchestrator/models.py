@@ -333,15 +333,16 @@ class Page:
                 field_ = f"data[{index}].{exc.field}" if exc.field != "data" else f"data[{index}]"
                 raise MalformedResponseError(field_, exc.problem) from None
         first_result = _int(envelope.get("first_result"))
-        # The page size the server used: the smallest it states. Some lists carry a stray
-        # ``max_result`` (NOTES.md) that is the server's own cap on a page, whatever was asked:
-        # without a total, a page that long may be followed by another.
+        # The page size the server used: the smallest of what was asked and what it states.
+        # Some lists carry a stray ``max_result`` (NOTES.md) that is the server's own cap on a
+        # page, whatever was asked: without a total, a page that long may be followed by
+        # another (at worst one empty page more).
         stated = [n for n in (_int(envelope.get("max_results")), _int(envelope.get("max_result"))) if n and n > 0]
         total = _int(envelope.get("total"))
         return cls(
             items=tuple(items),
             first_result=first_result if first_result is not None and first_result >= 0 else first,
-            max_results=min(stated) if stated else size,
+            max_results=min([size, *stated]),
             total=total if total is not None and total >= 0 else None,
         )
 

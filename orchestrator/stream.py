@@ -140,7 +140,7 @@ async def _open(
     transfer = header(resp, "Transfer-Encoding")
     content_type = header(resp, "Content-Type") or None
     if resp.status not in (200, 206):
-        problem = f"unexpected HTTP {resp.status} for a file"  # 204, 3xx left unfollowed...: no file in it
+        problem = f"HTTP {resp.status} where a file was asked for"  # 204, 3xx left unfollowed...: no file in it
     elif resp.status == 206 and pos is None:
         # RFC 9110 §15.3.7: a 206 answers a Range only. Unasked, its Content-Range is no proof
         # of the file's size (a cache serving a piece it holds): a server error, retried.
@@ -151,9 +151,11 @@ async def _open(
         problem = f"unsupported Transfer-Encoding {cut(transfer, 80)!r}"
     elif cannot_be_ndjson(content_type):
         media = cut((content_type or "").partition(";")[0].strip(), 80)
+        transport.never_reuse(resp)
         resp.release()
         raise UnexpectedContentError(f"GET {path}: HTTP {resp.status} with Content-Type {media}, not a result file")
     if problem is not None:
+        transport.never_reuse(resp)
         resp.release()
         raise TransportError(f"GET {path}: {problem}")
     head = b""
@@ -170,6 +172,7 @@ async def _open(
             raise
         codings = [c for c in coding_list(header(resp, "Content-Encoding")) if c != "identity"]
         if whole and is_error_envelope(head, codings, ENVELOPE_BYTES):
+            transport.never_reuse(resp)
             resp.release()
             error = str(error_from(200, head, "GET", path, None, transport.secret))
             raise UnexpectedContentError(f"{error}: the API's error envelope instead of the file")
@@ -286,6 +289,9 @@ class ResumableStream:
                 resp.release()  # before the wait, not after it
                 await self._resume_after(exc)
                 continue
+            except (ApiError, TransportError):
+                self.transport.never_reuse(resp)  # an answer refused: its connection too
+                raise
             finally:
                 resp.release()
             if self._ended(resp, body, range_from):

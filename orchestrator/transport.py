@@ -375,6 +375,17 @@ class Transport:
             await self.raise_for_status(resp, method, path, error_bytes)
         return resp
 
+    @staticmethod
+    def never_reuse(resp: aiohttp.ClientResponse) -> None:
+        """Keep ``resp``'s connection out of the pool: after an error answer, or any answer
+        refused, a proxy that errs may still send a second answer, which would be read as the
+        next request's (a retry is sent at once). aiohttp has pooled the connection already when
+        a short body came whole; marked, :class:`~orchestrator.framing.CleanConnector` closes it
+        instead of reusing it."""
+        protocol = getattr(resp, "_protocol", None)  # aiohttp >= 3.10 sets it in start()
+        if protocol is not None:
+            protocol.force_close()
+
     async def raise_for_status(
         self, resp: aiohttp.ClientResponse, method: str, path: str, limit: int | None = None
     ) -> None:
@@ -387,13 +398,7 @@ class Transport:
         if resp.status == 429:
             self.throttle.on_throttled(parse_retry_after(retry_after))
         else:
-            # Never used again: a proxy that errs may answer twice, and its second answer would be
-            # read as the next request's (a retry is sent at once). aiohttp has pooled the
-            # connection already when a short body came whole; marked, framing.CleanConnector
-            # closes it instead of reusing it.
-            protocol = getattr(resp, "_protocol", None)  # aiohttp >= 3.10 sets it in start()
-            if protocol is not None:
-                protocol.force_close()
+            self.never_reuse(resp)
         try:
             with self.errors(f"{method} {path}"):
                 data = await (resp.read() if limit is None else resp.content.read(limit))
