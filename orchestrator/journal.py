@@ -253,11 +253,26 @@ def read_manifest_with_journal(path: Path) -> Manifest:
     the file cannot be read, ValueError when it is not a manifest; a torn or damaged
     journal is used up to its last good line (read-only: nothing is moved).
     """
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ValueError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB")
-    manifest = Manifest.from_bytes(path.read_bytes())
+    manifest = Manifest.from_bytes(_read_regular(path, MAX_MANIFEST_BYTES))
     replay_journal(manifest, read_journal(path.with_name(JOURNAL_NAME)))
     return manifest
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, at most ``limit`` of them; ValueError for anything else. Opened
+    without blocking and checked on the open descriptor: a FIFO, a device (a symlink to
+    /dev/zero) or a file too large is refused, never read (a FIFO would block for ever)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"{path} is larger than {limit >> 20} MiB")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit >> 20} MiB")
+    return data
 
 
 class Journal:

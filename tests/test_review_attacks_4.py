@@ -149,7 +149,6 @@ HANGS = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=HANGS)
 def test_a_fifo_as_an_earlier_run_folders_manifest_never_hangs_the_run(tmp_path: Path) -> None:
     """max_drop_pct looks in ./exports/2020-01-01 for the job's last run, whose manifest.json is a FIFO (planted,
     or a named pipe left by a tool): the run ends by itself, or at least a SIGTERM stops it with 143."""
@@ -203,12 +202,6 @@ def _limited() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (900 << 20, 900 << 20))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="journal.read_manifest_with_journal checks path.stat().st_size, 0 for the character device a symlink "
-    "names, then path.read_bytes() reads /dev/zero until MemoryError, which load_manifest does not catch: "
-    "the job (or the run) fails with an unexpected error",
-)
 def test_an_earlier_run_folders_manifest_linked_to_dev_zero_is_ignored(tmp_path: Path) -> None:
     """max_drop_pct looks in ./exports/2020-01-01, whose manifest.json is a symlink to /dev/zero (memory capped at
     900 MiB): that folder is passed over (the size limit's promise), the job SUCCEEDS, no unexpected error."""
