@@ -42,7 +42,7 @@ import anyio
 from orchestrator.api import ApiClient
 from orchestrator.config import JobFile
 from orchestrator.errors import MicsExportError, UsageError, single_error
-from orchestrator.manifest import MANIFEST_NAME, Manifest, load_previous, remove_stale_temp_files
+from orchestrator.manifest import MANIFEST_NAME, Manifest, RunStatus, load_previous, now_iso, remove_stale_temp_files
 from orchestrator.plan import (
     Console,
     Endpoint,
@@ -57,7 +57,7 @@ from orchestrator.plan import (
 from orchestrator.results import GuardResult, JobResult, RunResult
 from orchestrator.scheduler import Runner
 from orchestrator.sink import LocalSink, Sink
-from orchestrator.supervise import conclude, supervise
+from orchestrator.supervise import EXIT_SIGNAL, SignalWatch, conclude, supervise
 from orchestrator.workers import default_workers, validator_pool
 
 if TYPE_CHECKING:
@@ -154,56 +154,89 @@ async def execute_async(options: RunOptions, console: Console | None, *, signals
     """The run, every resource in one AsyncExitStack; ``console`` and ``signals``: the CLI's."""
     plan = make_plan(options)
     live = console is not None and console.live()
+    result: RunResult | None = None
     async with contextlib.AsyncExitStack() as stack:
-        # Handled from the first step to the last release: a signal during the stop itself (a
-        # second SIGTERM while uploads abort) must not kill the process half-way through it.
-        received = stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT)) if signals else None
-        sink, previous = await _open_output(stack, plan, console, live)
-        api = await _connect(stack, plan)
-        workers = default_workers() if options.workers is None else options.workers
-        pool = await stack.enter_async_context(validator_pool(workers)) if workers > 0 else None
-        manifest = Manifest()
-        if sink.is_bucket:
-            from orchestrator.bucket_sink import BucketSink
-
-            assert isinstance(sink, BucketSink)
-            # Before any execution: a missing bucket or a refused credential is one line (exit
-            # 2), and a prefix another run holds is refused; the lock is released on the way out.
-            await sink.open(manifest.run_id)
-            stack.push_async_callback(_shielded, sink.release)
-            previous = await sink.read_previous()
-        runner = Runner(
-            plan.jobs,
-            api,
-            sink,
-            concurrency=options.concurrency or plan.job_file.run.concurrency,
-            manifest=manifest,
-            previous=previous,
-            query_prefix=plan.job_file.api.query_export_prefix,
-            pool=pool,
-        )
-        log.info(
-            "run %s: %d job(s) into %s, concurrency %d, %d validation worker(s)%s",
-            manifest.run_id,
-            len(plan.jobs),
-            sink.url,
-            runner.limiter.total_tokens,
-            workers,
-            f", resuming run {previous.run_id}" if previous else "",
-            extra={"event": "run_started", "run_id": manifest.run_id, "workers": workers},
-        )
-        code = await supervise(plan, runner, live, received)
+        watch = await _watch_signals(stack) if signals else None  # a signal now stops start-up
+        sink, manifest, runner = await _start(stack, plan, options, console, live)
+        if watch is not None:
+            watch.scope = None  # from here on supervise() stops the run, with the manifest's last word
+        code = await supervise(plan, runner, live, watch)
         await conclude(plan, sink, manifest, code)
-    return RunResult(
-        status=manifest.status,
-        exit_code=code,
-        run_id=manifest.run_id,
-        output=sink.url,
-        manifest_path=sink.label(MANIFEST_NAME),
-        jobs=tuple(JobResult.of(manifest.jobs[j.name], sink) for j in plan.jobs),
-        started_at=manifest.started_at,
-        finished_at=manifest.finished_at,
+        result = RunResult(
+            status=manifest.status,
+            exit_code=code,
+            run_id=manifest.run_id,
+            output=sink.url,
+            manifest_path=sink.label(MANIFEST_NAME),
+            jobs=tuple(JobResult.of(manifest.jobs[j.name], sink) for j in plan.jobs),
+            started_at=manifest.started_at,
+            finished_at=manifest.finished_at,
+        )
+    if result is None:  # the watcher cancelled start-up (a store that does not answer...)
+        assert watch is not None and watch.received
+        log.warning("stopped before the run began: nothing was started", extra={"event": "interrupted"})
+        return RunResult(
+            status=RunStatus.INTERRUPTED,
+            exit_code=EXIT_SIGNAL[watch.received[0]],
+            run_id="",
+            output=str(plan.output),
+            manifest_path="",
+            jobs=(),
+            started_at=now_iso(),
+            finished_at=now_iso(),
+        )
+    return result
+
+
+async def _watch_signals(stack: contextlib.AsyncExitStack) -> SignalWatch:
+    """SIGTERM and SIGINT handled from here to the stack's last release (a watcher task)."""
+    watch = SignalWatch(stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT)))
+    tg = await stack.enter_async_context(anyio.create_task_group())
+    tg.start_soon(watch.run)
+    stack.callback(tg.cancel_scope.cancel)  # the watcher stops first, then the receiver closes
+    watch.scope = tg.cancel_scope  # cancels what follows on the stack: start-up
+    return watch
+
+
+async def _start(
+    stack: contextlib.AsyncExitStack, plan: Plan, options: RunOptions, console: Console | None, live: bool
+) -> tuple[Sink, Manifest, Runner]:
+    """The run's resources (each released by ``stack``), its fresh manifest and its runner."""
+    sink, previous = await _open_output(stack, plan, console, live)
+    api = await _connect(stack, plan)
+    workers = default_workers() if options.workers is None else options.workers
+    pool = await stack.enter_async_context(validator_pool(workers)) if workers > 0 else None
+    manifest = Manifest()
+    if sink.is_bucket:
+        from orchestrator.bucket_sink import BucketSink
+
+        assert isinstance(sink, BucketSink)
+        # Before any execution: a missing bucket or a refused credential is one line (exit
+        # 2), and a prefix another run holds is refused; the lock is released on the way out.
+        await sink.open(manifest.run_id)
+        stack.push_async_callback(_shielded, sink.release)
+        previous = await sink.read_previous()
+    runner = Runner(
+        plan.jobs,
+        api,
+        sink,
+        concurrency=options.concurrency or plan.job_file.run.concurrency,
+        manifest=manifest,
+        previous=previous,
+        query_prefix=plan.job_file.api.query_export_prefix,
+        pool=pool,
     )
+    log.info(
+        "run %s: %d job(s) into %s, concurrency %d, %d validation worker(s)%s",
+        manifest.run_id,
+        len(plan.jobs),
+        sink.url,
+        runner.limiter.total_tokens,
+        workers,
+        f", resuming run {previous.run_id}" if previous else "",
+        extra={"event": "run_started", "run_id": manifest.run_id, "workers": workers},
+    )
+    return sink, manifest, runner
 
 
 async def _open_output(

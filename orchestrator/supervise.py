@@ -45,13 +45,35 @@ EXIT_INTERRUPTED = EXIT_SIGINT
 """A run stopped by Ctrl-C outside the signal watcher, or by its caller's cancellation."""
 
 
-async def supervise(plan: Plan, runner: Runner, live: bool, signals: AsyncIterator[int] | None) -> int:
+class SignalWatch:
+    """SIGTERM / SIGINT from the command's first step to its last release: the first cancels
+    :attr:`scope` (start-up's, then the run's), later ones are only logged, so that a signal
+    during the stop itself never kills the process half-way through it."""
+
+    def __init__(self, signals: AsyncIterator[int]) -> None:
+        self.signals = signals
+        self.received: list[signal.Signals] = []
+        """Why the run stopped early, first reason first (the deadline counts as one)."""
+        self.scope: anyio.CancelScope | None = None
+
+    async def run(self) -> None:
+        async for signum in self.signals:
+            sig = signal.Signals(signum)
+            if self.received:
+                log.warning("%s received: already stopping", sig.name, extra={"event": "interrupted"})
+                continue
+            self.received.append(sig)
+            log.warning("%s received: stopping", sig.name, extra={"event": "interrupted"})
+            if self.scope is not None:
+                self.scope.cancel()
+
+
+async def supervise(plan: Plan, runner: Runner, live: bool, watch: SignalWatch | None) -> int:
     """Run the jobs beside their watchers; whatever ends it, the manifest has the last word.
 
-    ``signals``: SIGTERM / SIGINT as they come (the caller keeps them handled until its last
-    release); the first stops the run, later ones wait unheeded until the stop is done."""
+    ``watch``: the command's signals (None: the caller's business, as for the Python API)."""
     manifest, sink = runner.manifest, runner.sink
-    received: list[signal.Signals] = []  # why the run stopped early (the deadline counts as one)
+    received: list[signal.Signals] = watch.received if watch is not None else []
     crashed: BaseException | None = None
     view = None
     if live:
@@ -66,8 +88,10 @@ async def supervise(plan: Plan, runner: Runner, live: bool, signals: AsyncIterat
                 tg.cancel_scope.cancel()
 
             _arm(plan, runner, tg, received)  # earlier runs, and the deadline watcher
-            if signals is not None:
-                tg.start_soon(_watch_signals, tg, received, signals)
+            if watch is not None:
+                watch.scope = tg.cancel_scope
+                if watch.received:  # a signal came between start-up and here
+                    tg.cancel_scope.cancel()
             tg.start_soon(work)
             keep_alive = getattr(sink, "keep_alive", None)
             if keep_alive is not None:
@@ -85,14 +109,6 @@ async def supervise(plan: Plan, runner: Runner, live: bool, signals: AsyncIterat
     if received:
         return EXIT_SIGNAL[received[0]]
     return EXIT_OK if manifest.status is RunStatus.SUCCEEDED and written else EXIT_FAILED
-
-
-async def _watch_signals(tg: anyio.abc.TaskGroup, received: list[signal.Signals], signals: AsyncIterator[int]) -> None:
-    async for signum in signals:
-        received.append(signal.Signals(signum))
-        log.warning("%s received: stopping", signal.Signals(signum).name, extra={"event": "interrupted"})
-        tg.cancel_scope.cancel()
-        return
 
 
 async def _finish(runner: Runner, received: list[signal.Signals], crashed: BaseException | None) -> bool:

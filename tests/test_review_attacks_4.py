@@ -57,12 +57,6 @@ def _is_list(req: Any) -> bool:
     return bool(req.method == "GET" and "list-type=2" in req.target)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app.execute_async opens the SIGTERM/SIGINT receiver before _open_output, but nothing reads it until "
-    "supervise() starts: a signal during the bucket's check_access LIST or acquire_lock PUT is queued while the "
-    "store is waited on (obstore's 30 s timeout and retries); then the store's error exits 1 and the signal is lost",
-)
 @pytest.mark.parametrize(
     ("sig", "code", "held"), [(signal.SIGTERM, 143, "lock-put"), (signal.SIGINT, 130, "check-access-list")]
 )
