@@ -6,6 +6,7 @@ over when stale, renewed and released.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -183,14 +184,41 @@ async def lock_alive(store: ObjectStore, prefix: str) -> bool:
     return _now() < current.meta["last_modified"] + timedelta(seconds=lease or 0)
 
 
+ABANDON_TIMEOUT_S = 5.0
+"""How long a lock this run may have created is looked for, after its taking was stopped."""
+
+
 async def acquire_lock(store: ObjectStore, prefix: str, run_id: str, lease_s: float) -> Lock:
     """Take ``PREFIX/.lock`` for this run, or raise :class:`LockHeldError` (one line, exit 2).
 
     Created with ``If-None-Match: *``. If it exists and its lease has run out (the server's
     Last-Modified + the holder's lease), it is taken over with ``If-Match`` on its ETag, so
-    that of several runs doing the same, one wins and the others see it held.
+    that of several runs doing the same, one wins and the others see it held. Stopped (a
+    signal) or failed after a write the store may have carried out, a lock naming this run is
+    removed (within :data:`ABANDON_TIMEOUT_S`): it would hold the prefix for a whole lease.
     """
     key = f"{prefix}/{LOCK_NAME}" if prefix else LOCK_NAME
+    try:
+        return await _acquire_lock(store, key, run_id, lease_s)
+    except BaseException:
+        # Best effort (a lock left behind goes stale), and bounded: the stop must stay prompt.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(ABANDON_TIMEOUT_S), contextlib.suppress(Exception):
+            await _remove_if_ours(store, key, run_id)
+        raise
+
+
+async def _remove_if_ours(store: ObjectStore, key: str, run_id: str) -> None:
+    try:
+        current = await obstore.get_async(store, key)
+        body = bytes(await current.bytes_async())
+    except FileNotFoundError:
+        return
+    if _describe_holder(body)[0] == run_id:
+        await delete(store, key)
+        log.info("removed the lock %s this run had taken as it stopped", _url_of(store, key))
+
+
+async def _acquire_lock(store: ObjectStore, key: str, run_id: str, lease_s: float) -> Lock:
     acquired = _now()
     lock = Lock(store, key, run_id, lease_s, None, None, acquired)
     for _attempt in range(5):  # a lock deleted between our create and our read: try again

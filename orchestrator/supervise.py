@@ -55,10 +55,18 @@ class SignalWatch:
         self.received: list[signal.Signals] = []
         """Why the run stopped early, first reason first (the deadline counts as one)."""
         self.scope: anyio.CancelScope | None = None
+        self._settled = False
+
+    def settle(self) -> None:
+        """The run has ended (its status is being written): later signals are only logged."""
+        self._settled, self.scope = True, None
 
     async def run(self) -> None:
         async for signum in self.signals:
             sig = signal.Signals(signum)
+            if self._settled:
+                log.warning("%s received: the run has ended, finishing up", sig.name, extra={"event": "interrupted"})
+                continue
             if self.received:
                 log.warning("%s received: already stopping", sig.name, extra={"event": "interrupted"})
                 continue
@@ -100,6 +108,9 @@ async def supervise(plan: Plan, runner: Runner, live: bool, watch: SignalWatch |
         crashed = exc  # reported by the caller (one line from the CLI); here only the manifest's last word
         raise
     finally:
+        if watch is not None:
+            watch.settle()  # a signal from now on changes nothing: the run's status is being written
+        received = list(received)  # the reasons as settled: the exit code agrees with the manifest
         written = await _finish(runner, received, crashed)
         if view is not None:
             view.__exit__(None, None, None)
