@@ -103,8 +103,8 @@ class Fetcher:
                     technical_name=execution.technical_name,
                     start=start,
                     budget=budget,
-                    validator=validator if start else None,
-                    total=size if start else None,
+                    validator=validator,  # the stream uses them only when it starts past byte 0
+                    total=size,
                     on_validator=learned,
                 ),
                 dest,

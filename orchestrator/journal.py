@@ -253,25 +253,33 @@ def read_manifest_with_journal(path: Path) -> Manifest:
     the file cannot be read, ValueError when it is not a manifest; a torn or damaged
     journal is used up to its last good line (read-only: nothing is moved).
     """
-    manifest = Manifest.from_bytes(_read_regular(path, MAX_MANIFEST_BYTES))
+    manifest = Manifest.from_bytes(read_regular(path, MAX_MANIFEST_BYTES))
     replay_journal(manifest, read_journal(path.with_name(JOURNAL_NAME)))
     return manifest
 
 
-def _read_regular(path: Path, limit: int) -> bytes:
-    """A regular file's bytes, at most ``limit`` of them; ValueError for anything else. Opened
-    without blocking and checked on the open descriptor: a FIFO, a device (a symlink to
-    /dev/zero) or a file too large is refused, never read (a FIFO would block for ever)."""
+class NotAFileError(ValueError):
+    """What :func:`read_regular` refuses to read: no regular file, or one over its limit."""
+
+    def __init__(self, reason: str, *, too_large: bool = False) -> None:
+        super().__init__(reason)
+        self.too_large = too_large
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, at most ``limit`` of them. Opened without blocking and checked on
+    the open descriptor: a FIFO, a device (a symlink to /dev/zero) or a file too large is
+    refused (NotAFileError, whose text is the reason), never read (a FIFO would block for
+    ever). OSError when it cannot be opened or read."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{path} is not a regular file")
-        if info.st_size > limit:
-            raise ValueError(f"{path} is larger than {limit >> 20} MiB")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"{path} is larger than {limit >> 20} MiB")
+            raise NotAFileError("not a regular file")
+        # Its size as stated, then as read (a file that grows while it is read).
+        data = f.read(limit + 1) if info.st_size <= limit else None
+    if data is None or len(data) > limit:
+        raise NotAFileError(f"larger than {limit >> 20} MiB", too_large=True)
     return data
 
 
@@ -341,10 +349,12 @@ __all__ = [
     "MAX_MANIFEST_BYTES",
     "Journal",
     "ManifestReadError",
+    "NotAFileError",
     "Replay",
     "load_manifest",
     "load_previous",
     "read_journal",
     "read_manifest_with_journal",
+    "read_regular",
     "replay_journal",
 ]

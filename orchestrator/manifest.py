@@ -245,7 +245,7 @@ class ManifestWriter:
         self._reported: set[str] = set()
         # What is on disk (manifest.json + journal), per job and for the run: the next
         # append writes only what differs. Valid once a compaction succeeded (_base set).
-        # The records assigned to since the last good write (record.WATCHERS fills it): an
+        # The records assigned to since the last good write (record.watch() fills it): an
         # append looks at these, not at every job. Dropped from it once a write covered them.
         self._touched: dict[int, JobRecord] = {}
         watch(self._touched)

@@ -26,13 +26,12 @@ import errno
 import fcntl
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import EXIT_FAILED, EXIT_OK, UsageError
-from orchestrator.journal import MAX_MANIFEST_BYTES
+from orchestrator.journal import MAX_MANIFEST_BYTES, NotAFileError, read_regular
 from orchestrator.manifest import (
     JOURNAL_NAME,
     MANIFEST_NAME,
@@ -149,19 +148,13 @@ def _read_bucket(url: str) -> tuple[str, bytes, bool | None]:
 def _read_local(path: Path) -> bytes:
     """The manifest's bytes: a regular file (never a pipe that blocks), at most MAX_MANIFEST_BYTES."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_regular(path, MAX_MANIFEST_BYTES)
+    except NotAFileError as exc:
+        if exc.too_large:
+            raise UsageError(f"{path} is not a valid manifest: {exc}") from None
+        raise UsageError(f"cannot read {path}: {exc}") from None
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UsageError(f"cannot read {path}: not a regular file")
-        try:
-            data = handle.read(MAX_MANIFEST_BYTES + 1)
-        except OSError as exc:
-            raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise UsageError(f"{path} is not a valid manifest: larger than {MAX_MANIFEST_BYTES >> 20} MiB")
-    return data
 
 
 def _recorded_code(manifest: Manifest) -> int | None:

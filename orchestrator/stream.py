@@ -151,12 +151,10 @@ async def _open(
         problem = f"unsupported Transfer-Encoding {cut(transfer, 80)!r}"
     elif cannot_be_ndjson(content_type):
         media = cut((content_type or "").partition(";")[0].strip(), 80)
-        transport.never_reuse(resp)
-        resp.release()
+        _refuse(transport, resp)
         raise UnexpectedContentError(f"GET {path}: HTTP {resp.status} with Content-Type {media}, not a result file")
     if problem is not None:
-        transport.never_reuse(resp)
-        resp.release()
+        _refuse(transport, resp)
         raise TransportError(f"GET {path}: {problem}")
     head = b""
     if not pos and resp.status == 200 and _is_json(content_type):
@@ -172,11 +170,16 @@ async def _open(
             raise
         codings = [c for c in coding_list(header(resp, "Content-Encoding")) if c != "identity"]
         if whole and is_error_envelope(head, codings, ENVELOPE_BYTES):
-            transport.never_reuse(resp)
-            resp.release()
+            _refuse(transport, resp)
             error = str(error_from(200, head, "GET", path, None, transport.secret))
             raise UnexpectedContentError(f"{error}: the API's error envelope instead of the file")
     return _Answer(resp, head=head)
+
+
+def _refuse(transport: Transport, resp: aiohttp.ClientResponse) -> None:
+    """Release an answer the stream will not read, and keep its connection out of the pool."""
+    transport.never_reuse(resp)
+    resp.release()
 
 
 ENVELOPE_BYTES = 1 << 16
