@@ -158,6 +158,19 @@ class S3Bucket:
     client: Any
     """A boto3 S3 client with the same credentials, for checks obstore cannot make."""
 
+    def get(self, key: str) -> bytes | None:
+        """The object's bytes (None: no such key)."""
+        try:
+            body: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return body
+
+    def manifest(self, prefix: str) -> dict[str, Any] | None:
+        """The manifest a run wrote under ``prefix``, parsed (None: none)."""
+        data = self.get(f"{prefix}/manifest.json")
+        return None if data is None else dict(json.loads(data))
+
     def pending_uploads(self) -> list[str]:
         """Keys with a multipart upload started and neither completed nor aborted."""
         answer = self.client.list_multipart_uploads(Bucket=self.bucket)

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
@@ -239,6 +239,7 @@ class HostileServer:
                 if req is None:
                     return
                 self.requests.append(req)
+                await self._before_answer(writer)
                 try:
                     wire = await self.handler(req, lambda req=req: self._forward(req))  # type: ignore[misc]
                 except Exception as exc:  # a broken test handler: say so in the test, not silently
@@ -247,6 +248,7 @@ class HostileServer:
                 keep = await _write(writer, wire)
                 if not keep:
                     return
+                await self._after_answer(writer, wire)
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
@@ -255,6 +257,12 @@ class HostileServer:
                 self._tasks.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
+
+    async def _before_answer(self, writer: asyncio.StreamWriter) -> None:
+        """A request has come on this connection, before its answer (a hook: nothing here)."""
+
+    async def _after_answer(self, writer: asyncio.StreamWriter, wire: Wire) -> None:
+        """``wire`` was written and the connection stays open (a hook: nothing here)."""
 
     def count(self, predicate: Callable[[Request], bool]) -> int:
         """How many requests seen so far match ``predicate``."""
@@ -351,9 +359,13 @@ class HostileThread:
     server: HostileServer = field(init=False)
 
     def __post_init__(self) -> None:
-        self.server = HostileServer(self.upstream, self.handler)
+        self.server = self.make_server()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="hostile", daemon=True)
+
+    def make_server(self) -> HostileServer:
+        """The server this thread runs (a subclass may serve another kind)."""
+        return HostileServer(self.upstream, self.handler)
 
     @property
     def url(self) -> str:
@@ -366,7 +378,7 @@ class HostileThread:
     def count(self, predicate: Callable[[Request], bool]) -> int:
         return self.server.count(predicate)
 
-    def __enter__(self) -> HostileThread:
+    def __enter__(self) -> Self:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(10)
         return self

@@ -11,10 +11,9 @@ whose server writes them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 
-from hostile import HostileServer, HostileThread, Wire, _read_request, _write, json_wire
+from hostile import HostileServer, HostileThread, Wire
 
 
 @dataclass
@@ -28,44 +27,18 @@ class Trailing(Wire):
 class TrailingServer(HostileServer):
     """:class:`hostile.HostileServer` that writes a :class:`Trailing` answer's extra bytes."""
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        self._writers.add(writer)
-        try:
-            while True:
-                req = await _read_request(reader)
-                if req is None:
-                    return
-                self.requests.append(req)
-                try:
-                    wire = await self.handler(req, lambda req=req: self._forward(req))  # type: ignore[misc]
-                except Exception as exc:
-                    self.errors.append(exc)
-                    wire = json_wire(500, {"status": "error", "error": f"hostile handler failed: {exc!r}"})
-                if not await _write(writer, wire):
-                    return
-                if isinstance(wire, Trailing):
-                    await asyncio.sleep(wire.after_s)  # the client has read and released the answer by now
-                    writer.write(wire.then)
-                    await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
-        finally:
-            self._writers.discard(writer)
-            if task is not None:
-                self._tasks.discard(task)
-            with contextlib.suppress(Exception):
-                writer.close()
+    async def _after_answer(self, writer: asyncio.StreamWriter, wire: Wire) -> None:
+        if isinstance(wire, Trailing):
+            await asyncio.sleep(wire.after_s)  # the client has read and released the answer by now
+            writer.write(wire.then)
+            await writer.drain()
 
 
 class TrailingThread(HostileThread):
     """:class:`hostile.HostileThread` serving through a :class:`TrailingServer`."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.server = TrailingServer(self.upstream, self.handler)
+    def make_server(self) -> HostileServer:
+        return TrailingServer(self.upstream, self.handler)
 
 
 def raw_answer(status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:

@@ -16,10 +16,9 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 
 import yarl
-from hostile import HostileServer, Reply, Request, Wire
+from hostile import HostileServer, HostileThread, Reply, Request, Wire
 
 Rule = Callable[[Request], Awaitable[Wire | None]]
 
@@ -32,6 +31,11 @@ async def forward_all(req: Request) -> Wire | None:
 def is_manifest_put(req: Request) -> bool:
     """A whole-object PUT of a run's manifest.json."""
     return req.method == "PUT" and req.path.endswith("/manifest.json")
+
+
+def is_lock_put(req: Request) -> bool:
+    """A PUT of the prefix's lock (taking or renewing it)."""
+    return req.method == "PUT" and req.path.endswith("/.lock")
 
 
 def is_complete(req: Request) -> bool:
@@ -113,32 +117,15 @@ class S3Proxy(HostileServer):
             return Reply(resp.status, list(resp.headers.items()), body)
 
 
-class S3ProxyThread:
+class S3ProxyThread(HostileThread):
     """An :class:`S3Proxy` on its own thread and loop; a context manager with ``url``."""
 
     def __init__(self, upstream: str, rule: Rule = forward_all) -> None:
-        self.server = S3Proxy(upstream, rule)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="s3proxy", daemon=True)
+        self.rule = rule
+        super().__init__(upstream)
 
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    @property
-    def requests(self) -> list[Request]:
-        return self.server.requests
-
-    def __enter__(self) -> S3ProxyThread:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(10)
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+    def make_server(self) -> HostileServer:
+        return S3Proxy(self.upstream, self.rule)
 
 
 __all__ = [
@@ -148,6 +135,7 @@ __all__ = [
     "forward_all",
     "is_abort",
     "is_complete",
+    "is_lock_put",
     "is_manifest_put",
     "s3_error",
 ]

@@ -12,10 +12,10 @@ request has arrived on the same connection, before that request's own answer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
+from typing import Any
 
-from hostile import HostileServer, HostileThread, Request, Wire, _read_request, _write, json_wire
+from hostile import HostileServer, HostileThread, Wire
 
 
 @dataclass
@@ -28,50 +28,26 @@ class Late(Wire):
 class LateServer(HostileServer):
     """:class:`hostile.HostileServer` that writes a :class:`Late` answer's extra bytes before the next answer."""
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        self._writers.add(writer)
-        pending = b""
-        try:
-            while True:
-                req = await _read_request(reader)
-                if req is None:
-                    return
-                self.requests.append(req)
-                if pending:
-                    writer.write(pending)  # the late second answer to the previous request
-                    await writer.drain()
-                    pending = b""
-                wire = await self._answer(req)
-                if not await _write(writer, wire):
-                    return
-                if isinstance(wire, Late):
-                    pending = wire.then
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
-        finally:
-            self._writers.discard(writer)
-            if task is not None:
-                self._tasks.discard(task)
-            with contextlib.suppress(Exception):
-                writer.close()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._late: dict[asyncio.StreamWriter, bytes] = {}  # per connection: the second answer still owed
 
-    async def _answer(self, req: Request) -> Wire:
-        try:
-            return await self.handler(req, lambda req=req: self._forward(req))  # type: ignore[misc]
-        except Exception as exc:
-            self.errors.append(exc)
-            return json_wire(500, {"status": "error", "error": f"hostile handler failed: {exc!r}"})
+    async def _before_answer(self, writer: asyncio.StreamWriter) -> None:
+        pending = self._late.pop(writer, b"")
+        if pending:
+            writer.write(pending)  # the late second answer to the previous request
+            await writer.drain()
+
+    async def _after_answer(self, writer: asyncio.StreamWriter, wire: Wire) -> None:
+        if isinstance(wire, Late):
+            self._late[writer] = wire.then
 
 
 class LateThread(HostileThread):
     """:class:`hostile.HostileThread` serving through a :class:`LateServer`."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.server = LateServer(self.upstream, self.handler)
+    def make_server(self) -> HostileServer:
+        return LateServer(self.upstream, self.handler)
 
 
 __all__ = ["Late", "LateServer", "LateThread"]

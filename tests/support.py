@@ -40,12 +40,15 @@ def write_jobs(
     api: dict[str, Any] | None = None,
     concurrency: int = 8,
     name: str = "jobs.yaml",
+    output: str | None = None,
+    run: dict[str, Any] | None = None,
 ) -> Path:
-    """A job file in ``folder`` with fast polling and retries, writing to folder/out."""
+    """A job file in ``folder`` with fast polling and retries, writing to ``output`` (a bucket
+    URL...; default folder/out), with ``run`` settings added."""
     doc = {
         "version": 1,
         "api": {**FAST_API, **(api or {})},
-        "run": {"output_dir": str(folder / "out"), "concurrency": concurrency},
+        "run": {"output_dir": output or str(folder / "out"), "concurrency": concurrency, **(run or {})},
         "defaults": {**FAST, **(defaults or {})},
         "jobs": jobs,
     }
@@ -135,6 +138,33 @@ def start_cli(*args: str, env: dict[str, str], stderr: Any = subprocess.PIPE) ->
         text=True,
         stdin=subprocess.DEVNULL,
     )
+
+
+def _memory_cap() -> None:
+    """In the child: 900 MiB of address space, as a container's memory limit would allow."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (900 << 20, 900 << 20))
+
+
+def cli_with_memory_cap(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``mics-export ARGS`` as a child process capped at 900 MiB of memory (60 s at most)."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_memory_cap,
+    )
+
+
+def stop_cli(child: subprocess.Popen[str]) -> str:
+    """Kill ``child`` (from :func:`start_cli`) if it still runs; its stderr."""
+    if child.poll() is None:
+        child.kill()
+    child.wait(10)
+    return child.stderr.read() if child.stderr else ""
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:

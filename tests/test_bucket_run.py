@@ -29,7 +29,7 @@ from cloud import (
     moto_server_fixture,
     s3_fixture,
 )
-from support import FAST, FAST_API, TOKEN, cli_env, cli_in_process, start_cli, wait_for
+from support import TOKEN, cli_env, cli_in_process, start_cli, wait_for, write_jobs
 
 from orchestrator.config import load_job_file
 from orchestrator.simulator import ExportSpec, Faults, SimulatorConfig, SimulatorThread
@@ -46,34 +46,12 @@ def _sim(*specs: ExportSpec, **faults: Any) -> SimulatorThread:
 
 
 def _jobs(folder: Path, output: str, jobs: list[dict[str, Any]], name: str = "jobs.yaml") -> Path:
-    doc = {
-        "version": 1,
-        "api": FAST_API,
-        "run": {"output_dir": output, "concurrency": 4},
-        "defaults": FAST,
-        "jobs": jobs,
-    }
-    path = folder / name
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
-def _get(s3: S3Bucket, key: str) -> bytes | None:
-    try:
-        body: bytes = s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
-    except s3.client.exceptions.NoSuchKey:
-        return None
-    return body
+    return write_jobs(folder, jobs, output=output, concurrency=4, name=name)
 
 
 def _keys(s3: S3Bucket) -> list[str]:
     answer = s3.client.list_objects_v2(Bucket=s3.bucket)
     return sorted(o["Key"] for o in answer.get("Contents", []))
-
-
-def _manifest(s3: S3Bucket, prefix: str) -> dict[str, Any] | None:
-    data = _get(s3, f"{prefix}/manifest.json")
-    return None if data is None else json.loads(data)
 
 
 def _entries(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -107,11 +85,11 @@ def test_run_to_s3_is_byte_exact_and_a_rerun_skips_without_downloading(s3: S3Buc
         proc = cli_in_process("run", str(path), env=cli_env(sim.url))
         assert proc.returncode == 0, proc.stderr
         prefix = f"nightly/{datetime.now(UTC).date().isoformat()}"
-        doc = _manifest(s3, prefix)
+        doc = s3.manifest(prefix)
         assert doc is not None and doc["status"] == "SUCCEEDED"
         entries = _entries(doc)
-        _assert_exact(_get(s3, f"{prefix}/plain.ndjson"), entries["plain"], plain)
-        _assert_exact(_get(s3, f"{prefix}/packed.ndjson.gz"), entries["packed"], packed, gz=True)
+        _assert_exact(s3.get(f"{prefix}/plain.ndjson"), entries["plain"], plain)
+        _assert_exact(s3.get(f"{prefix}/packed.ndjson.gz"), entries["packed"], packed, gz=True)
         assert entries["packed"]["invalid_lines"] == packed.result().invalid_lines > 0
         assert _keys(s3) == sorted(f"{prefix}/{n}" for n in ("manifest.json", "plain.ndjson", "packed.ndjson.gz"))
         assert s3.pending_uploads() == []
@@ -130,7 +108,7 @@ def test_run_to_s3_is_byte_exact_and_a_rerun_skips_without_downloading(s3: S3Buc
         assert third.returncode == 0, third.stderr
         assert sum(sim.stats.downloads_started.values()) == downloads + 1
         assert sum(sim.stats.executions_created.values()) == created
-    _assert_exact(_get(s3, f"{prefix}/plain.ndjson"), _entries(_manifest(s3, prefix) or {})["plain"], plain)
+    _assert_exact(s3.get(f"{prefix}/plain.ndjson"), _entries(s3.manifest(prefix) or {})["plain"], plain)
 
 
 def test_run_to_azure_is_byte_exact(azure: AzureContainer, tmp_path: Path) -> None:
@@ -164,7 +142,7 @@ def test_slow_upload_is_invisible_contended_and_aborted_by_sigterm(s3: S3Bucket,
         proc = start_cli("run", str(path), env=cli_env(sim.url))
         try:
             wait_for(s3.pending_uploads, timeout=30, what="a multipart upload in progress")
-            assert _get(s3, "p/a.ndjson") is None  # not visible while it is written
+            assert s3.get("p/a.ndjson") is None  # not visible while it is written
             second = cli_in_process("run", str(path), env=cli_env(sim.url))
             assert second.returncode == 2
             line = second.stderr.strip()
@@ -175,10 +153,10 @@ def test_slow_upload_is_invisible_contended_and_aborted_by_sigterm(s3: S3Bucket,
                 proc.kill()
         assert sum(sim.stats.executions_created.values()) == 1  # the refused run created nothing
     assert code == 143, proc.stderr.read() if proc.stderr else ""
-    assert _get(s3, "p/a.ndjson") is None
+    assert s3.get("p/a.ndjson") is None
     assert s3.pending_uploads() == []
-    assert _get(s3, "p/.lock") is None  # released on SIGTERM
-    doc = _manifest(s3, "p")
+    assert s3.get("p/.lock") is None  # released on SIGTERM
+    doc = s3.manifest("p")
     assert doc is not None and doc["status"] == "INTERRUPTED" and doc["exit_code"] == 143
 
 
@@ -194,7 +172,7 @@ def test_kill_9_then_rerun_adopts_the_execution_and_restarts_the_upload(s3: S3Bu
         finally:
             proc.kill()
             proc.wait(timeout=10)
-        assert _get(s3, "k/a.ndjson") is None
+        assert s3.get("k/a.ndjson") is None
 
         def lease_over() -> bool:
             head = s3.client.head_object(Bucket=s3.bucket, Key="k/.lock")
@@ -205,9 +183,9 @@ def test_kill_9_then_rerun_adopts_the_execution_and_restarts_the_upload(s3: S3Bu
         assert again.returncode == 0, again.stderr
         assert "took over the stale lock" in again.stderr
         assert sim.stats.executions_created["1"] == 1
-    doc = _manifest(s3, "k")
+    doc = s3.manifest("k")
     assert doc is not None
-    _assert_exact(_get(s3, "k/a.ndjson"), _entries(doc)["a"], spec)
+    _assert_exact(s3.get("k/a.ndjson"), _entries(doc)["a"], spec)
     # The killed run's upload stays pending: the bucket lifecycle rule cleans it (README).
     assert s3.pending_uploads() == ["k/a.ndjson"]
 
@@ -223,7 +201,7 @@ def test_a_stale_lock_is_taken_over(s3: S3Bucket, tmp_path: Path) -> None:
         proc = cli_in_process("run", str(path), env=cli_env(sim.url))
     assert proc.returncode == 0, proc.stderr
     assert "took over the stale lock" in proc.stderr and "dead-run" in proc.stderr
-    assert _get(s3, "s/.lock") is None
+    assert s3.get("s/.lock") is None
 
 
 @pytest.mark.parametrize("case", ["missing-bucket", "access-denied", "no-credentials"])
@@ -282,7 +260,7 @@ def test_download_command_to_stdout_gzip_file_and_bucket(s3: S3Bucket, tmp_path:
 
         up = cli_in_process("download", "1", execution, "-o", f"s3://{s3.bucket}/ops/a.ndjson", env=env)
         assert up.returncode == 0, up.stderr
-    assert hashlib.sha256(_get(s3, "ops/a.ndjson") or b"").hexdigest() == result.sha256()
+    assert hashlib.sha256(s3.get("ops/a.ndjson") or b"").hexdigest() == result.sha256()
     assert s3.pending_uploads() == []
 
 
@@ -295,7 +273,7 @@ def test_status_reads_the_manifest_from_the_bucket(s3: S3Bucket, tmp_path: Path)
         # A shard writes its own prefix, as it writes its own folder locally.
         sharded = cli_in_process("run", str(path), "--shard", "0/1", env=cli_env(sim.url))
         assert sharded.returncode == 0, sharded.stderr
-    assert _manifest(s3, "st/shard-0-of-1") is not None
+    assert s3.manifest("st/shard-0-of-1") is not None
     proc = cli_in_process("status", f"s3://{s3.bucket}/st", "--json", env=cli_env())
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)

@@ -31,10 +31,11 @@ PREFIX = TOKEN[:8]
 
 
 def run_fake(
-    tmp_path: Path, fake: FakeApi, **job: Any
+    tmp_path: Path, fake: FakeApi, via: type[HostileThread] = HostileThread, **job: Any
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any] | None, Path]:
-    """``mics-export run`` of one job ``j`` on export 1 against ``fake``; (process, j's entry, out)."""
-    with HostileThread("http://127.0.0.1:9", fake) as proxy:
+    """``mics-export run`` of one job ``j`` on export 1 against ``fake`` (served through a ``via``
+    thread); (process, j's entry, out)."""
+    with via("http://127.0.0.1:9", fake) as proxy:
         jobs = write_jobs(tmp_path, [{"name": "j", "export_id": "1", **job}])
         proc = cli_in_process("run", str(jobs), env=cli_env(proxy.url))
     out = tmp_path / "out"
@@ -497,11 +498,8 @@ def test_a_part_file_longer_than_the_file_is_not_a_dead_end(tmp_path: Path) -> N
     assert_exact_or_failed(proc, entry, out)
 
 
-@pytest.mark.parametrize("recorded", [None, '"v0"'], ids=["no-validator-recorded", "old-validator-recorded"])
-def test_a_resume_across_a_kill_after_the_file_changed_is_never_a_mix(tmp_path: Path, recorded: str | None) -> None:
-    """kill -9 after 10,000 bytes of the old file (its ETag "v0" recorded, or none); the server now has
-    another file (ETag "v1", If-Range ignored): the rerun downloads it whole, never a mix."""
-    fake = _killed_while_downloading(tmp_path, OTHER[:10_000], file_validator=recorded, file_size=N)
+def _asked_ranges(fake: FakeApi) -> list[tuple[str | None, str | None]]:
+    """The (Range, If-Range) of each download request ``fake`` answers from now on."""
     ranges: list[tuple[str | None, str | None]] = []
     answer = fake.download
 
@@ -510,6 +508,15 @@ def test_a_resume_across_a_kill_after_the_file_changed_is_never_a_mix(tmp_path: 
         return await answer(req)
 
     fake.download = download  # type: ignore[method-assign]
+    return ranges
+
+
+@pytest.mark.parametrize("recorded", [None, '"v0"'], ids=["no-validator-recorded", "old-validator-recorded"])
+def test_a_resume_across_a_kill_after_the_file_changed_is_never_a_mix(tmp_path: Path, recorded: str | None) -> None:
+    """kill -9 after 10,000 bytes of the old file (its ETag "v0" recorded, or none); the server now has
+    another file (ETag "v1", If-Range ignored): the rerun downloads it whole, never a mix."""
+    fake = _killed_while_downloading(tmp_path, OTHER[:10_000], file_validator=recorded, file_size=N)
+    ranges = _asked_ranges(fake)
     proc, entry, out = run_fake(tmp_path, fake)
     assert_clean(proc, out)
     assert entry is not None and entry["status"] == "SUCCEEDED", proc.stderr
@@ -522,14 +529,7 @@ def test_a_resume_across_a_kill_after_the_file_changed_is_never_a_mix(tmp_path: 
 def test_a_part_file_of_the_recorded_validator_is_resumed_with_if_range(tmp_path: Path) -> None:
     """kill -9 after 10,000 bytes with ETag "v1" recorded: the rerun asks only for the rest, with If-Range."""
     fake = _killed_while_downloading(tmp_path, DATA[:10_000], file_validator=ETAG, file_size=N)
-    ranges: list[tuple[str | None, str | None]] = []
-    answer = fake.download
-
-    async def download(req: Request) -> Wire:
-        ranges.append((req.headers.get("range"), req.headers.get("if-range")))
-        return await answer(req)
-
-    fake.download = download  # type: ignore[method-assign]
+    ranges = _asked_ranges(fake)
     proc, entry, out = run_fake(tmp_path, fake)
     assert_exact_or_failed(proc, entry, out)
     assert entry is not None and entry["status"] == "SUCCEEDED", proc.stderr

@@ -19,7 +19,15 @@ import pytest
 from hostile import HostileThread, Request, Wire, json_wire
 from review_servers import DATA, ETAG, FakeApi, honest, range_start
 from review_servers_2 import Trailing, TrailingThread, raw_answer
-from support import cli_env, cli_in_process, content_sha256, jobs_by_name, read_manifest_if_any, write_jobs
+from support import (
+    cli_env,
+    cli_in_process,
+    cli_with_memory_cap,
+    content_sha256,
+    jobs_by_name,
+    read_manifest_if_any,
+    write_jobs,
+)
 from test_review_attacks import (
     OTHER,
     _killed_while_downloading,
@@ -146,22 +154,13 @@ def test_a_compressed_part_file_left_by_a_kill_is_downloaded_again_exact(
 
 
 # -- 3. HTTP framing a proxy breaks: bytes after an answer on a kept-alive connection ------------------
-def _run_trailing(tmp_path: Path, fake: FakeApi) -> tuple[Any, Any, Path]:
-    with TrailingThread("http://127.0.0.1:9", fake) as proxy:
-        jobs = write_jobs(tmp_path, [{"name": "j", "export_id": "1"}])
-        proc = cli_in_process("run", str(jobs), env=cli_env(proxy.url))
-    out = tmp_path / "out"
-    doc = read_manifest_if_any(out)
-    return proc, jobs_by_name(doc)["j"] if doc else None, out
-
-
 def test_garbage_after_an_answers_length_on_a_kept_alive_connection_is_not_the_next_answer(tmp_path: Path) -> None:
     """A 503 whose body runs past its Content-Length (the rest comes after the client has read it): the retried
     download is exact, the stray bytes never become part of the next answer."""
     fake = FakeApi()
     bad = Trailing(503, JSON, ENVELOPE, then=b"...the rest of a longer error page</html>\r\n")
     fake.download = first_then(bad, lambda req: honest(DATA, req))  # type: ignore[method-assign]
-    proc, entry, out = _run_trailing(tmp_path, fake)
+    proc, entry, out = run_fake(tmp_path, fake, via=TrailingThread)
     assert assert_exact_or_failed(proc, entry, out) == "SUCCEEDED"
 
 
@@ -172,7 +171,7 @@ def test_a_second_answer_to_one_request_never_becomes_the_file(tmp_path: Path) -
     stray = raw_answer(200, [("ETag", ETAG), ("Content-Type", "application/x-ndjson")], OTHER)
     bad = Trailing(503, JSON, ENVELOPE, then=stray)
     fake.download = first_then(bad, lambda req: honest(DATA, req))  # type: ignore[method-assign]
-    proc, entry, out = _run_trailing(tmp_path, fake)
+    proc, entry, out = run_fake(tmp_path, fake, via=TrailingThread)
     assert_exact_or_failed(proc, entry, out)
 
 
@@ -238,19 +237,10 @@ def test_a_query_jobs_export_past_a_capped_first_page_is_found_not_made_again(tm
 
 
 # -- 5. what is planted between runs: a journal as large as a disk hole makes it ----------------------
-def _limited() -> None:
-    """In the child: 900 MiB of address space, as a container's memory limit would allow."""
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (900 << 20, 900 << 20))
-
-
 @pytest.mark.parametrize("command", ["status", "run"])
 def test_a_journal_larger_than_memory_is_one_line_not_an_unexpected_error(tmp_path: Path, command: str) -> None:
     """A 1.2 GiB (sparse) .manifest.journal beside a good manifest.json, memory capped at 900 MiB: `status` and a
     rerun say what is wrong in one line (or ignore it), never an unexpected MemoryError or an OOM kill."""
-    import subprocess
-    import sys
 
     fake = FakeApi()
     with HostileThread("http://127.0.0.1:9", fake) as proxy:
@@ -261,14 +251,7 @@ def test_a_journal_larger_than_memory_is_one_line_not_an_unexpected_error(tmp_pa
             journal.write(b'{"journal": 1, "base": "x"}\n')
             journal.truncate(1200 << 20)
         args = ["status", str(tmp_path / "out")] if command == "status" else ["run", "--workers", "0", str(jobs)]
-        proc = subprocess.run(
-            [sys.executable, "-m", "orchestrator", *args],
-            env=cli_env(proxy.url),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            preexec_fn=_limited,
-        )
+        proc = cli_with_memory_cap(*args, env=cli_env(proxy.url))
     assert "unexpected" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode in (0, 2), proc.stderr
 
@@ -291,13 +274,15 @@ def test_a_restart_then_a_kill_never_resumes_the_new_bytes_with_the_old_validato
 
     fake = FakeApi(data=BIG)
     calls = {"n": 0}
+    restarted = asyncio.Event()  # both handlers run on the proxy's one loop
 
     async def replicas(req: Request) -> Wire:
         if "/exports/2/" in req.path:
-            while calls["n"] < 3:  # job k's file only once j restarted: its SUCCEEDED write comes after
-                await asyncio.sleep(0.005)
+            await restarted.wait()  # job k's file only once j restarted: its SUCCEEDED write comes after
             return honest(DATA, req)
         calls["n"] += 1
+        if calls["n"] == 3:
+            restarted.set()
         start = range_start(req) or 0
         if calls["n"] == 1:
             return Wire(200, [("ETag", ETAG)], BIG, cut_at=10_000)

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from cloud import S3Bucket, moto_server_fixture, s3_fixture
 from review_servers_3 import Gate, S3ProxyThread, is_abort, is_complete, is_manifest_put, s3_error
-from support import FAST, FAST_API, TOKEN, cli_env, cli_in_process, start_cli, wait_for
+from support import FAST, FAST_API, TOKEN, cli_env, cli_in_process, start_cli, wait_for, write_jobs
 
 from orchestrator.simulator import ExportSpec, Faults, SimulatorConfig, SimulatorThread
 
@@ -37,29 +36,7 @@ def _sim(*specs: ExportSpec, **faults: Any) -> SimulatorThread:
 
 
 def _jobs(folder: Path, output: str, jobs: list[dict[str, Any]], **run: Any) -> Path:
-    doc = {
-        "version": 1,
-        "api": FAST_API,
-        "run": {"output_dir": output, "concurrency": 4, **run},
-        "defaults": FAST,
-        "jobs": jobs,
-    }
-    path = folder / "jobs.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
-def _get(s3: S3Bucket, key: str) -> bytes | None:
-    try:
-        body: bytes = s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
-    except s3.client.exceptions.NoSuchKey:
-        return None
-    return body
-
-
-def _manifest(s3: S3Bucket, prefix: str) -> dict[str, Any] | None:
-    data = _get(s3, f"{prefix}/manifest.json")
-    return None if data is None else json.loads(data)
+    return write_jobs(folder, jobs, output=output, concurrency=4, run=run)
 
 
 def _entries(doc: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -131,8 +108,8 @@ def _rerun_exact(s3: S3Bucket, sim: SimulatorThread, path: Path, env: dict[str, 
     again = cli_in_process("run", str(path), env=env)
     assert again.returncode == 0, again.stderr
     _clean(again)
-    entry = _entries(_manifest(s3, prefix))["a"]
-    data = _get(s3, f"{prefix}/a.ndjson") or b""
+    entry = _entries(s3.manifest(prefix))["a"]
+    data = s3.get(f"{prefix}/a.ndjson") or b""
     assert hashlib.sha256(data).hexdigest() == spec.result().sha256() == entry["sha256"]
     assert entry["etag"] and entry["object_size"] == len(data)
     assert sim.stats.executions_created["1"] == 1
@@ -154,11 +131,11 @@ def test_a_second_sigterm_while_a_bucket_upload_aborts_still_stops_cleanly(
         child.wait(1)  # killed by it at once, or (as it should) still waiting on the held abort
     gate.open()
     returncode = child.wait(20)
-    doc = _manifest(s3, "k")
+    doc = s3.manifest("k")
     try:
         assert returncode == code, child.stderr.read() if child.stderr else ""
         assert doc is not None and doc["status"] == "INTERRUPTED" and doc["exit_code"] == code
-        assert s3.pending_uploads() == [] and _get(s3, "k/.lock") is None
+        assert s3.pending_uploads() == [] and s3.get("k/.lock") is None
         _rerun_exact(s3, sim, path, env)
     finally:
         scene.close()
@@ -175,13 +152,13 @@ def test_kill_9_between_the_succeeded_record_and_the_upload_completion_reruns_ex
     sim, _proxy, child, path, env = next(scene)
     try:
         assert gate.arrived.wait(30), "the completion never came"
-        recorded = _entries(_manifest(s3, "k"))["a"]
+        recorded = _entries(s3.manifest("k"))["a"]
         assert recorded["status"] == "SUCCEEDED" and recorded["etag"] is None, recorded
         child.kill()
         child.wait(10)
         gate.open(drop=completion == "lost")
         if completion != "lost":
-            wait_for(lambda: _get(s3, "k/a.ndjson"), what="the completion the dead run sent to land")
+            wait_for(lambda: s3.get("k/a.ndjson"), what="the completion the dead run sent to land")
         _rerun_exact(s3, sim, path, env)
     finally:
         scene.close()
@@ -198,8 +175,8 @@ def test_kill_9_during_the_manifest_put_of_the_success_reruns_exact(s3: S3Bucket
         child.kill()
         child.wait(10)
         gate.open(drop=True)
-        assert _get(s3, "k/a.ndjson") is None
-        assert _entries(_manifest(s3, "k"))["a"]["status"] == "DOWNLOADING"
+        assert s3.get("k/a.ndjson") is None
+        assert _entries(s3.manifest("k"))["a"]["status"] == "DOWNLOADING"
         _rerun_exact(s3, sim, path, env)
     finally:
         scene.close()
@@ -223,7 +200,7 @@ def test_a_bucket_that_refuses_every_write_midway_fails_the_run_with_exit_1(s3: 
         proc = cli_in_process("run", "--workers", "0", str(path), env=_via(proxy, sim.url))
     _clean(proc)
     assert proc.returncode == 1, proc.stderr
-    assert _get(s3, "w/a.ndjson") is None and s3.pending_uploads() == []
+    assert s3.get("w/a.ndjson") is None and s3.pending_uploads() == []
     assert len([line for line in proc.stderr.splitlines() if "error" in line.lower()]) >= 1
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import yaml
 from cloud import S3Bucket, moto_server_fixture, s3_fixture
-from review_servers_3 import Gate, S3ProxyThread
-from support import FAST, FAST_API, TOKEN, cli_env, start_cli
+from review_servers_3 import Gate, S3ProxyThread, is_lock_put
+from support import TOKEN, cli_env, cli_with_memory_cap, start_cli, stop_cli, write_jobs
 
 __all__ = ["moto_server_fixture", "s3_fixture"]
 
@@ -28,31 +28,10 @@ PREFIX = TOKEN[:8]
 
 
 def _bucket_jobs(folder: Path, output: str) -> Path:
-    doc = {
-        "version": 1,
-        "api": FAST_API,
-        "run": {"output_dir": output, "concurrency": 2},
-        "defaults": FAST,
-        "jobs": [{"name": "a", "export_id": "1"}],
-    }
-    path = folder / "jobs.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
-def _stop(child: subprocess.Popen[str]) -> str:
-    """Kill ``child`` if it still runs; its stderr."""
-    if child.poll() is None:
-        child.kill()
-    child.wait(10)
-    return child.stderr.read() if child.stderr else ""
+    return write_jobs(folder, [{"name": "a", "export_id": "1"}], output=output, concurrency=2)
 
 
 # -- 1. a signal during start-up: the receiver is open, nothing reads it yet -----------------------
-def _is_lock_put(req: Any) -> bool:
-    return bool(req.method == "PUT" and req.path.endswith("/.lock"))
-
-
 def _is_list(req: Any) -> bool:
     return bool(req.method == "GET" and "list-type=2" in req.target)
 
@@ -65,7 +44,7 @@ def test_a_signal_while_the_bucket_lock_is_taken_stops_promptly(
 ) -> None:
     """SIGTERM / SIGINT while the store holds the start-up's LIST or the lock's PUT: the run stops within
     seconds with 143 / 130 (a Kubernetes pod deleted while its store is slow), never waits on the store."""
-    gate = Gate(_is_list if held == "check-access-list" else _is_lock_put)
+    gate = Gate(_is_list if held == "check-access-list" else is_lock_put)
     with S3ProxyThread(s3.server.endpoint, gate) as proxy:
         path = _bucket_jobs(tmp_path, f"s3://{s3.bucket}/p")
         env = cli_env("http://127.0.0.1:9", AWS_ENDPOINT_URL=proxy.url)
@@ -78,40 +57,23 @@ def test_a_signal_while_the_bucket_lock_is_taken_stops_promptly(
             returncode = child.poll()
         finally:
             gate.open(drop=True)
-            stderr = _stop(child)
+            stderr = stop_cli(child)
     assert returncode == code, f"still running 6 s after {sig.name} (exit {returncode}): {stderr[-2000:]}"
     assert "Traceback" not in stderr and PREFIX not in stderr, stderr
 
 
 # -- 2. the error envelope answered with 200: its connection is not marked ---------------------------
-def _run_late(tmp_path: Path, fake: Any) -> tuple[Any, Any, Path]:
-    from review_servers_4 import LateThread
-    from support import cli_in_process, jobs_by_name, read_manifest_if_any, write_jobs
-
-    with LateThread("http://127.0.0.1:9", fake) as proxy:
-        jobs = write_jobs(tmp_path, [{"name": "j", "export_id": "1"}])
-        proc = cli_in_process("run", str(jobs), env=cli_env(proxy.url))
-    out = tmp_path / "out"
-    doc = read_manifest_if_any(out)
-    return proc, jobs_by_name(doc)["j"] if doc else None, out
-
-
 ENVELOPE = b'{"status":"error","error":"Internal server error","error_id":"e-77"}'
 HTML = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
-MARKED = (
-    "the connection of an answer the stream refuses without raise_for_status is never marked: stream.py:_open "
-    "releases it to the pool whole (envelope read, short body already received, no body), and the late stray answer "
-    "is read as the retry's (transport.raise_for_status marks only error statuses); saved and reported SUCCEEDED"
-)
 
 
 @pytest.mark.parametrize(
     ("status", "ctype", "body"),
     [
         (503, "application/json", ENVELOPE),
-        pytest.param(200, "application/json", ENVELOPE),
-        pytest.param(200, "text/html", HTML),
-        pytest.param(204, "application/json", b""),
+        (200, "application/json", ENVELOPE),
+        (200, "text/html", HTML),
+        (204, "application/json", b""),
     ],
     ids=["503", "200-envelope", "200-html", "204"],
 )
@@ -123,14 +85,14 @@ def test_a_late_second_answer_after_a_refused_answer_never_becomes_the_file(
     the retry's answer is the server's file, never the stray one (SUCCEEDED only with the exact bytes)."""
     from review_servers import ETAG, FakeApi, honest
     from review_servers_2 import raw_answer
-    from review_servers_4 import Late
-    from test_review_attacks import OTHER, assert_exact_or_failed, first_then
+    from review_servers_4 import Late, LateThread
+    from test_review_attacks import OTHER, assert_exact_or_failed, first_then, run_fake
 
     stray = raw_answer(200, [("ETag", ETAG), ("Content-Type", "application/x-ndjson")], OTHER)
     fake = FakeApi()
     bad = Late(status, [("Content-Type", ctype)], body, then=stray)
     fake.download = first_then(bad, lambda req: honest(fake.data, req))  # type: ignore[method-assign]
-    proc, entry, out = _run_late(tmp_path, fake)
+    proc, entry, out = run_fake(tmp_path, fake, via=LateThread)
     assert_exact_or_failed(proc, entry, out)
 
 
@@ -184,22 +146,14 @@ def test_a_fifo_as_an_earlier_run_folders_manifest_never_hangs_the_run(tmp_path:
         finally:
             if writer is not None:
                 os.close(writer)  # EOF: the reader (if any) goes on
-            stderr = _stop(child)
+            stderr = stop_cli(child)
     assert ended and returncode in (0, 1, 143), f"still running 8 s after SIGTERM: {stderr[-2000:]}"
     assert "Traceback" not in stderr and "unexpected" not in stderr, stderr
-
-
-def _limited() -> None:
-    """In the child: 900 MiB of address space, as a container's memory limit would allow."""
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (900 << 20, 900 << 20))
 
 
 def test_an_earlier_run_folders_manifest_linked_to_dev_zero_is_ignored(tmp_path: Path) -> None:
     """max_drop_pct looks in ./exports/2020-01-01, whose manifest.json is a symlink to /dev/zero (memory capped at
     900 MiB): that folder is passed over (the size limit's promise), the job SUCCEEDS, no unexpected error."""
-    import sys
 
     from hostile import HostileThread
     from review_servers import FakeApi
@@ -213,14 +167,7 @@ def test_an_earlier_run_folders_manifest_linked_to_dev_zero_is_ignored(tmp_path:
         doc = yaml.safe_load(jobs.read_text())
         doc["run"]["output_dir"] = str(tmp_path / "exports" / "{date}")
         jobs.write_text(yaml.safe_dump(doc))
-        proc = subprocess.run(
-            [sys.executable, "-m", "orchestrator", "run", "--workers", "0", str(jobs)],
-            env=cli_env(proxy.url),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            preexec_fn=_limited,
-        )
+        proc = cli_with_memory_cap("run", "--workers", "0", str(jobs), env=cli_env(proxy.url))
     assert "unexpected" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 0, proc.stderr
     outs = [p for p in (tmp_path / "exports").iterdir() if p.name != "2020-01-01"]

@@ -28,8 +28,8 @@ import pytest
 import yaml
 from cloud import S3Bucket, moto_server_fixture, s3_fixture
 from hostile import Reply, Request, Wire
-from review_servers_3 import Gate, S3Proxy, S3ProxyThread, is_manifest_put
-from support import FAST, FAST_API, TOKEN, cli_env, cli_in_process, start_cli, wait_for, write_jobs
+from review_servers_3 import Gate, S3Proxy, S3ProxyThread, is_lock_put, is_manifest_put
+from support import TOKEN, cli_env, cli_in_process, start_cli, stop_cli, wait_for, write_jobs
 
 __all__ = ["moto_server_fixture", "s3_fixture"]
 
@@ -37,28 +37,7 @@ PREFIX = TOKEN[:8]
 
 
 def _bucket_jobs(folder: Path, output: str) -> Path:
-    doc = {
-        "version": 1,
-        "api": FAST_API,
-        "run": {"output_dir": output, "concurrency": 2},
-        "defaults": FAST,
-        "jobs": [{"name": "a", "export_id": "1"}],
-    }
-    path = folder / "jobs.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
-def _stop(child: subprocess.Popen[str]) -> str:
-    """Kill ``child`` if it still runs; its stderr."""
-    if child.poll() is None:
-        child.kill()
-    child.wait(10)
-    return child.stderr.read() if child.stderr else ""
-
-
-def _is_lock_put(req: Request) -> bool:
-    return req.method == "PUT" and req.path.endswith("/.lock")
+    return write_jobs(folder, [{"name": "a", "export_id": "1"}], output=output, concurrency=2)
 
 
 def _clean(stderr: str) -> None:
@@ -75,7 +54,7 @@ class _AnswerLate(S3Proxy):
         self.release = threading.Event()
 
     async def _answer(self, req: Request, forward: Callable[[], Awaitable[Reply]]) -> Wire:
-        if _is_lock_put(req) and not self.release.is_set():
+        if is_lock_put(req) and not self.release.is_set():
             reply = await forward()
             self.arrived.set()
             while not self.release.is_set():
@@ -101,7 +80,7 @@ def test_a_sigterm_while_the_lock_put_is_answered_late_leaves_no_lock(s3: S3Buck
             returncode = child.poll()
         finally:
             late.release.set()
-            stderr = _stop(child)
+            stderr = stop_cli(child)
     assert returncode == 143, stderr
     _clean(stderr)
     keys = [o["Key"] for o in s3.client.list_objects_v2(Bucket=s3.bucket).get("Contents", [])]
@@ -444,7 +423,7 @@ def test_a_sigterm_while_the_bucket_holds_the_last_manifest_put_agrees_with_the_
             returncode = child.poll()
         finally:
             gate.open()
-            _stop(child)
+            stop_cli(child)
         stderr = log.read_text()
     body = s3.client.get_object(Bucket=s3.bucket, Key="p/manifest.json")["Body"].read()
     doc = json.loads(body)
